@@ -1,0 +1,297 @@
+"""Typed configuration: dataclasses, YAML files and ``key=value`` overrides.
+
+A config has six sections. ``data``, ``net``, ``train``, ``run`` and ``eval`` have fixed
+dataclasses; ``method`` is the dataclass that the chosen objective declares
+(``cmkit.objectives.METHODS[name].config``), so each method validates its own options.
+Unknown keys and wrong types fail early with the list of valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says how."""
+
+
+# ----------------------------------------------------------------------------
+# Fixed sections.
+
+
+@dataclass
+class DataConfig:
+    name: str = "eight_gaussians"  # see cmkit.data.DATASETS
+    path: str = ""  # image folder or .npy/.npz file for name=folder / name=array
+    n: int = 20000  # number of points drawn for the 2-D toy sets
+    pad_to: int = 0  # pad square images with -1 to this size (e.g. 32 for MNIST); 0 = keep
+    resolution: int = 0  # resize image folders to this size; 0 = require equal sizes
+    split: str = "train"  # train | test | all
+    labels: bool = False  # keep class labels (class-conditional training)
+    cache_dir: str = "~/.cache/cmkit"  # parsed bundled data is cached here
+    seed: int = 0  # seed of the toy sets and of the train/test split
+
+
+@dataclass
+class NetConfig:
+    name: str = "mlp"  # see cmkit.nets.NETWORKS
+    channels: int = 64  # U-Net base width
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_blocks: int = 2  # residual blocks per resolution
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])
+    num_heads: int = 1
+    dropout: float = 0.0
+    embedding: str = "fourier"  # fourier | positional
+    fourier_scale: float = 0.02  # iCT Sec. 3.1: 0.02 instead of 16
+    emb_dim: int = 0  # time-embedding width; 0 = 4 * channels (U-Net) or hidden (MLP)
+    norm: str = "group"  # normalisation layer of the U-Net, see cmkit.nets.layers.NORMS
+    num_groups: int = 32  # GroupNorm groups (capped by the channel count)
+    hidden: int = 256  # MLP width
+    depth: int = 4  # MLP hidden layers
+    class_cond: bool = False  # condition on class labels (needs data.labels=true)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000  # optimiser steps; total images = steps * batch_size
+    batch_size: int = 256  # global batch (split across ranks under torchrun)
+    optimizer: str = "radam"  # radam | adam
+    lr: float = 1e-4  # iCT App. B: RAdam, lr 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_nimg: int = 0  # linear learning-rate warm-up over this many images
+    grad_clip: float = 0.0  # clip the global gradient norm; 0 = off
+    ema: list[float] = field(default_factory=lambda: [0.9999])  # student EMA decay rates
+    ema_sample: int = 0  # which EMA rate (index) sampling and evaluation use
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads; 0 = leave PyTorch's default
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    log_every: int = 50  # steps
+    sample_every: int = 0  # steps between sample grids; 0 = only at the end
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 3  # the last K checkpoints are kept
+    sample_steps: list[int] = field(default_factory=lambda: [1, 2])  # grids at these step counts
+    sample_n: int = 64
+    tensorboard: bool = True
+    progress: bool = True  # progress bar on the terminal
+
+
+@dataclass
+class EvalConfig:
+    every_nimg: int = 0  # evaluate during training every this many images; 0 = off
+    n: int = 1000  # generated samples per evaluation
+    steps: list[int] = field(default_factory=lambda: [1, 2])
+    features: str = "auto"
+
+
+FIXED_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "net": NetConfig,
+    "train": TrainConfig,
+    "run": RunConfig,
+    "eval": EvalConfig,
+}
+SECTIONS = ("data", "net", "method", "train", "run", "eval")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    method: Any = None  # the objective's own dataclass
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------
+# Type checking of values.
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Return value converted to the annotated type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]  # `key=5` for a list-valued key means [5]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # 2e6 in YAML is a float
+        if isinstance(value, str):
+            try:
+                f = float(value)  # "2e6", "2M" below
+                if f.is_integer():
+                    return int(f)
+            except ValueError:
+                pass
+            suffix = {"k": 1_000, "K": 1_000, "M": 1_000_000, "G": 1_000_000_000}
+            if value[-1:] in suffix:
+                try:
+                    return int(float(value[:-1]) * suffix[value[-1]])
+                except ValueError:
+                    pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {tp}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def build_section(cls: type, values: dict, section: str, base: Any = None) -> Any:
+    """Make a dataclass instance of cls from a dict, starting from base (or the defaults)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"section '{section}' must be a mapping of keys to values, got {values!r}")
+    types_ = _field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(section + '.' + k for k in unknown)}. "
+            f"Valid keys of '{section}': {', '.join(sorted(types_))}"
+        )
+    kwargs = dataclasses.asdict(base) if base is not None else {}
+    for k, v in values.items():
+        kwargs[k] = _check_type(v, types_[k], f"{section}.{k}")
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return obj
+
+
+# ----------------------------------------------------------------------------
+# Loading.
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """Parse ``section.key=value`` strings; values are read as YAML scalars or lists."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. train.steps=100)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or parts[0] not in SECTIONS or not parts[1]:
+            raise ConfigError(
+                f"override key '{key}' must be section.key with section one of {', '.join(SECTIONS)}"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out.setdefault(parts[0], {})[parts[1]] = value
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in a.items()}
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def from_dict(raw: dict) -> Config:
+    """Build and validate a Config from a nested dict (a parsed YAML file)."""
+    from cmkit.objectives import METHODS  # local: objectives import config types
+
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("a config must be a mapping with sections " + ", ".join(SECTIONS))
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(unknown)}. Valid sections: {', '.join(SECTIONS)}")
+    sections = {}
+    for name, cls in FIXED_SECTIONS.items():
+        sections[name] = build_section(cls, raw.get(name) or {}, name)
+    method_raw = dict(raw.get("method") or {})
+    if not isinstance(method_raw, dict):
+        raise ConfigError("section 'method' must be a mapping with at least 'name'")
+    name = method_raw.setdefault("name", "ict")
+    if name not in METHODS:
+        raise ConfigError(f"unknown method.name '{name}'. Valid methods: {', '.join(sorted(METHODS))}")
+    spec = METHODS[name]
+    base = spec.config(**{**spec.preset, "name": name})
+    sections["method"] = build_section(spec.config, method_raw, "method", base=base)
+    return Config(**sections)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults) and apply ``key=value`` overrides."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist. Pass a YAML file, e.g. configs/ict_toy.yaml")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping of sections, got {type(raw).__name__}")
+    raw = _merge(raw, parse_overrides(overrides or []))
+    return from_dict(raw)

@@ -1,0 +1,36 @@
+"""Distances d(x, y) between batches, one per sample (reduced over every non-batch dimension).
+
+One family with the robustness constant c as an argument; ℓ2 ignores it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _sq_norm(x: Tensor, y: Tensor) -> Tensor:
+    """‖x - y‖₂² per sample, accumulated in float32 or wider."""
+    d = (x - y).flatten(1)
+    if d.dtype in (torch.float16, torch.bfloat16):
+        d = d.float()
+    return d.square().sum(1)
+
+
+def l2(x: Tensor, y: Tensor, c: float = 0.0) -> Tensor:
+    """Squared ℓ2 metric d(x, y) = ‖x - y‖₂² (iCT Sec. 2)."""
+    return _sq_norm(x, y)
+
+
+def pseudo_huber(x: Tensor, y: Tensor, c: float) -> Tensor:
+    """Pseudo-Huber metric d(x, y) = sqrt(‖x - y‖₂² + c²) - c (iCT Eq. 8)."""
+    return torch.sqrt(_sq_norm(x, y) + c * c) - c
+
+
+DISTANCES = {"l2": l2, "pseudo_huber": pseudo_huber}
+
+
+def get_distance(name: str):
+    if name not in DISTANCES:
+        raise ValueError(f"unknown distance '{name}'. Valid distances: {', '.join(DISTANCES)}")
+    return DISTANCES[name]
