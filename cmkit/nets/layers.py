@@ -1,0 +1,190 @@
+"""Building blocks shared by the backbones: noise-level embeddings, normalisation, attention, ResBlock.
+
+Every layer here supports forward-mode AD (``torch.func.jvp``), which sCM's tangents need: attention
+is a hand-written softmax (CPU SDPA has no forward AD) and GroupNorm sees a contiguous input
+(MACHINE-NOTES 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Set every parameter of module to zero and return it (ADM's ``zero_module``)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+# ----------------------------------------------------------------------------
+# Noise-level embeddings: c_noise (B,) -> (B, dim).
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features [cos(2π B c), sin(2π B c)] with fixed B ~ N(0, scale²), the same in every build."""
+
+    def __init__(self, dim: int, scale: float = 0.02, seed: int = 0):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"FourierEmbedding needs an even dim, got {dim}")
+        # iCT Sec. 3.1: Fourier scale 0.02 (instead of NCSN++'s 16) for stable training.
+        # A private generator keeps B identical across builds and leaves the global RNG untouched.
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("freqs", torch.randn(dim // 2, generator=generator) * scale)
+
+    def forward(self, c_noise: Tensor) -> Tensor:
+        x = torch.outer(c_noise.to(self.freqs.dtype), 2 * math.pi * self.freqs)
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+class PositionalEmbedding(nn.Module):
+    """Transformer sinusoidal embedding [cos(c ω_i), sin(c ω_i)], ω_i = max_positions^(-i/(dim/2))."""
+
+    def __init__(self, dim: int, max_positions: int = 10000):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"PositionalEmbedding needs an even dim, got {dim}")
+        # Vaswani et al. (2017) Sec. 3.5; EDM's PositionalEmbedding (endpoint=False).
+        freqs = (1 / max_positions) ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+        self.register_buffer("freqs", freqs.float(), persistent=False)
+
+    def forward(self, c_noise: Tensor) -> Tensor:
+        x = torch.outer(c_noise.to(self.freqs.dtype), self.freqs)
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+EMBEDDINGS: dict[str, type[nn.Module]] = {
+    "fourier": FourierEmbedding,
+    "positional": PositionalEmbedding,
+}
+
+
+def make_embedding(kind: str, dim: int, fourier_scale: float = 0.02) -> nn.Module:
+    """Build EMBEDDINGS[kind](dim); the Fourier embedding also takes its frequency scale."""
+    if kind not in EMBEDDINGS:
+        raise ValueError(f"unknown net.embedding '{kind}'. Valid embeddings: {', '.join(sorted(EMBEDDINGS))}")
+    if EMBEDDINGS[kind] is FourierEmbedding:
+        return FourierEmbedding(dim, scale=fourier_scale)
+    return EMBEDDINGS[kind](dim)
+
+
+# ----------------------------------------------------------------------------
+# Normalisation: NORMS[kind](channels, num_groups) -> module over (B, C, H, W).
+
+
+def _num_groups(channels: int, num_groups: int) -> int:
+    """The largest divisor of channels that is at most num_groups."""
+    return max(g for g in range(1, min(channels, num_groups) + 1) if channels % g == 0)
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm with the group count capped to divide channels; makes its input contiguous."""
+
+    def __init__(self, channels: int, num_groups: int = 32):
+        super().__init__(_num_groups(channels, num_groups), channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # MACHINE-NOTES 1: group_norm's forward AD fails on a non-contiguous primal.
+        return super().forward(x.contiguous())
+
+
+NORMS: dict[str, Callable[[int, int], nn.Module]] = {
+    "group": GroupNorm,
+}
+
+
+def make_norm(kind: str, channels: int, num_groups: int = 32) -> nn.Module:
+    """Build NORMS[kind](channels, num_groups), or say which kinds exist."""
+    if kind not in NORMS:
+        raise ValueError(f"unknown net.norm '{kind}'. Valid norms: {', '.join(sorted(NORMS))}")
+    return NORMS[kind](channels, num_groups)
+
+
+# ----------------------------------------------------------------------------
+# Attention and residual blocks.
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over pixels: x + proj(softmax(q·k/√d) v), with a norm in front."""
+
+    def __init__(self, channels: int, num_heads: int = 1, norm: str = "group", num_groups: int = 32):
+        super().__init__()
+        if num_heads < 1 or channels % num_heads:
+            raise ValueError(f"net.num_heads={num_heads} must divide the attention width {channels}")
+        self.num_heads = num_heads
+        self.norm = make_norm(norm, channels, num_groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))  # ADM: zero-initialised proj_out
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        d = C // self.num_heads
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, d, H * W).unbind(1)
+        # Hand-written softmax attention: F.scaled_dot_product_attention has no CPU forward AD.
+        w = torch.einsum("bhdq,bhdk->bhqk", q, k / math.sqrt(d)).softmax(dim=-1)
+        h = torch.einsum("bhqk,bhdk->bhdq", w, v).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class ResBlock(nn.Module):
+    """ADM residual block with FiLM noise conditioning, h = norm(h)·(1 + scale) + shift, and optional attention."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        emb_dim: int,
+        dropout: float = 0.0,
+        norm: str = "group",
+        num_groups: int = 32,
+        attention: bool = False,
+        num_heads: int = 1,
+    ):
+        super().__init__()
+        self.norm1 = make_norm(norm, in_ch, num_groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch)  # ADM use_scale_shift_norm: emb -> (scale, shift)
+        self.norm2 = make_norm(norm, out_ch, num_groups)
+        self.dropout = nn.Dropout(dropout)  # global RNG: objectives replay masks by restoring its state
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))  # ADM: block starts as its skip
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.attn = Attention(out_ch, num_heads, norm, num_groups) if attention else None
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        h = self.skip(x) + h
+        return self.attn(h) if self.attn is not None else h
+
+
+class NoiseEmbedding(nn.Module):
+    """c_noise (B,) [and class labels] -> (B, emb_dim): sinusoidal features, Linear-SiLU-Linear, + class embedding."""
+
+    def __init__(self, kind: str, feat_dim: int, emb_dim: int, fourier_scale: float = 0.02, num_classes: int = 0):
+        super().__init__()
+        self.features = make_embedding(kind, feat_dim, fourier_scale)
+        self.mlp = nn.Sequential(nn.Linear(feat_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label = nn.Embedding(num_classes, emb_dim) if num_classes > 0 else None
+
+    def forward(self, c_noise: Tensor, class_labels: Tensor | None, batch: int) -> Tensor:
+        if c_noise.ndim == 0:
+            c_noise = c_noise.expand(batch)
+        emb = self.mlp(self.features(c_noise))
+        if self.label is None:
+            if class_labels is not None:
+                raise ValueError("class_labels given to a network built without them; set net.class_cond=true")
+            return emb
+        if class_labels is None:
+            raise ValueError("this network is class-conditional (net.class_cond=true): pass class_labels")
+        # ADM: emb = emb + label_emb(y). Float (B, K) labels (one-hot, or zeros for 'no class') use the same table.
+        if class_labels.is_floating_point():
+            return emb + class_labels.to(emb.dtype) @ self.label.weight
+        return emb + self.label(class_labels)
