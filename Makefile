@@ -1,0 +1,33 @@
+# Set-up is two commands on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN      = $(VENV)/bin
+# torch first, with the exact pin that selects the local CPU wheel; everything else is
+# constrained to it so that no package upgrades torch or pulls CUDA wheels.
+TORCH   ?= torch==2.13.0
+STAMP    = $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -c constraints.txt -e ".[all]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cmkit train configs/ict_mnist_demo.yaml run.dir=runs/demo --force
+	$(BIN)/python -m cmkit.demo_summary runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/step_time.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,90 @@
+"""CT/iCT objective: teacher behaviour and shared dropout masks (iCT Sec. 3.1-3.2)."""
+
+import torch
+
+from cmkit.config import load_config
+from cmkit.objectives import build_objective
+from cmkit.objectives.base import SharedDropout
+from cmkit.schedules import Progress
+
+
+def _objective(*overrides, shape=(2,)):
+    cfg = load_config(None, ["net.name=mlp", "net.hidden=32", "net.depth=2", *overrides])
+    torch.manual_seed(0)
+    return build_objective(cfg, shape)
+
+
+def test_shared_dropout_replays_masks():
+    x = torch.ones(1000)
+    sd = SharedDropout(torch.device("cpu"))
+    with sd.record():
+        a = torch.nn.functional.dropout(x, 0.5)
+    with sd.replay():
+        b = torch.nn.functional.dropout(x, 0.5)
+    c = torch.nn.functional.dropout(x, 0.5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def _equal_sigma_loss(obj):
+    # Force sigma_i = sigma_{i+1}: with identical masks student and teacher see identical inputs.
+    def same_pair(x0, progress):
+        s = torch.full((x0.shape[0],), 1.0, dtype=torch.float64)
+        return s, s, 11
+
+    obj.sample_pairs = same_pair
+    obj.weighting = lambda a, b: torch.ones_like(a)
+    return obj.loss({"x": torch.randn(64, 2)}, Progress(0, 1000, 64))["loss"]
+
+
+def test_identical_dropout_masks_in_student_and_teacher():
+    obj = _objective("net.dropout=0.5", "method.distance=l2").train()
+    assert torch.all(_equal_sigma_loss(obj) == 0)
+    obj = _objective("net.dropout=0.5", "method.distance=l2", "method.shared_dropout=false").train()
+    assert torch.any(_equal_sigma_loss(obj) > 0)  # the check above can fail
+
+
+def test_ict_teacher_is_the_student():
+    obj = _objective("method.name=ict")
+    assert obj.teacher is None
+    opt = torch.optim.SGD(obj.model.parameters(), lr=0.1)
+    out = obj.loss({"x": torch.randn(32, 2)}, Progress(0, 1000, 32))
+    out["loss"].mean().backward()
+    opt.step()
+    obj.after_phase("model", Progress(0, 1000, 32))
+    # the teacher pass uses the current parameters: loss at sigma_i = sigma_{i+1} is zero
+    assert torch.all(_equal_sigma_loss(obj) == 0)
+
+
+def test_ct_teacher_lags_with_ema():
+    obj = _objective("method.name=ct")
+    assert obj.teacher is not None
+    t0 = [p.clone() for p in obj.teacher.parameters()]
+    opt = torch.optim.SGD(obj.model.parameters(), lr=0.1)
+    prog = Progress(0, 1000, 32)
+    obj.loss({"x": torch.randn(32, 2)}, prog)["loss"].mean().backward()
+    opt.step()
+    obj.after_phase("model", prog)
+    mu = obj.cfg.mu0 ** (obj.cfg.s0 / obj.num_scales(prog))  # exp(s0 log mu0 / N)
+    for pt, p0, ps in zip(obj.teacher.parameters(), t0, obj.model.parameters()):
+        assert torch.allclose(pt, mu * p0 + (1 - mu) * ps, atol=1e-6)
+    assert any(not torch.equal(pt, ps) for pt, ps in zip(obj.teacher.parameters(), obj.model.parameters()))
+
+
+def test_ict_loss_is_weighted_pseudo_huber():
+    obj = _objective("method.name=ict")
+    torch.manual_seed(1)
+    x0 = torch.randn(16, 2)
+    prog = Progress(0, 1000, 16)
+    out = obj.loss({"x": x0}, prog)
+    # recompute independently from the same random draws
+    torch.manual_seed(1)
+    _ = torch.randn(16, 2)
+    si, sn, n = obj.sample_pairs(x0, prog)
+    z = torch.randn_like(x0)
+    with torch.no_grad():
+        a = obj.model(x0 + sn.float()[:, None] * z, sn.float())
+        b = obj.model(x0 + si.float()[:, None] * z, si.float())
+    c = 0.00054 * 2 ** 0.5
+    ref = (torch.sqrt(((a - b) ** 2).sum(1) + c * c) - c) / (sn - si).float()
+    assert n == 11
+    assert torch.allclose(out["loss"].detach(), ref, rtol=1e-5)

@@ -1,0 +1,102 @@
+"""Curricula, EMA rate, noise-level distribution and weighting against the iCT paper's formulas."""
+
+import math
+
+import pytest
+import torch
+from scipy.stats import norm
+
+from cmkit.schedules import (
+    Progress,
+    ct_teacher_ema,
+    karras_sigmas,
+    lognormal_index_probs,
+    lr_warmup,
+    n_exp,
+    n_sqrt,
+    pseudo_huber_c,
+    reciprocal_weighting,
+    uniform_index_probs,
+)
+
+
+def test_exp_curriculum_ict_k400k_by_hand():
+    # iCT Eq. 9 with K = 400k, s0 = 10, s1 = 1280: log2(128) = 7, K' = 400000 // 8 = 50000,
+    # N doubles (minus the +1) every 50k iterations: 11, 21, 41, ..., capped at 1281.
+    K = 400_000
+    expected = {0: 11, 49_999: 11, 50_000: 21, 100_000: 41, 150_000: 81, 200_000: 161,
+                250_000: 321, 300_000: 641, 350_000: 1281, 399_999: 1281, 400_000: 1281}
+    for k, n in expected.items():
+        assert n_exp(k, K, 10, 1280) == n, k
+
+
+def test_exp_curriculum_ilct_s1_640():
+    # s1/s0 = 64 -> log2 = 6, K' = K // 7.
+    K = 70_000
+    assert [n_exp(k, K, 10, 640) for k in (0, 9_999, 10_000, 20_000, 60_000, 69_999)] == [11, 11, 21, 41, 641, 641]
+
+
+def test_sqrt_curriculum_by_hand():
+    # iCT Table 1 (left): N(k) = ceil(sqrt(k/K((s1+1)^2 - s0^2) + s0^2) - 1) + 1, s0 = 2, s1 = 150.
+    K = 100
+    assert n_sqrt(0, K, 2, 150) == 2  # ceil(2 - 1) + 1
+    assert n_sqrt(K, K, 2, 150) == 151  # ceil(151 - 1) + 1
+    # k = K/2: sqrt(0.5 * (22801 - 4) + 4) = sqrt(11402.5) = 106.78..., -1 -> 105.78, ceil 106, +1
+    assert n_sqrt(50, K, 2, 150) == 107
+    ns = [n_sqrt(k, K, 2, 150) for k in range(K + 1)]
+    assert ns == sorted(ns)
+
+
+def test_ct_teacher_ema():
+    # mu(k) = exp(s0 log mu0 / N(k)); at N = s0 it equals mu0.
+    assert ct_teacher_ema(2, 2, 0.9) == pytest.approx(0.9)
+    assert ct_teacher_ema(151, 2, 0.9) == pytest.approx(0.9 ** (2 / 151))
+    assert ct_teacher_ema(11, 2, 0.9) < ct_teacher_ema(101, 2, 0.9) < 1
+
+
+def test_karras_grid_endpoints_and_formula():
+    s = karras_sigmas(11, 0.002, 80.0, 7.0)
+    assert s[0].item() == pytest.approx(0.002, rel=1e-12)
+    assert s[-1].item() == pytest.approx(80.0, rel=1e-12)
+    i = 3  # paper index i = 4
+    ref = (0.002 ** (1 / 7) + i / 10 * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+    assert s[i].item() == pytest.approx(ref, rel=1e-12)
+    assert torch.all(s[1:] > s[:-1])
+
+
+@pytest.mark.parametrize("n", [11, 161, 1281])
+def test_lognormal_probs_against_gaussian_cdf(n):
+    sigmas = karras_sigmas(n, 0.002, 80.0, 7.0)
+    p = lognormal_index_probs(sigmas, -1.1, 2.0)
+    assert p.shape == (n - 1,)
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-12)
+    # erf((a - m)/(sqrt2 s)) differences are 2 * (Phi(b) - Phi(a)); normalised they coincide.
+    cdf = norm.cdf((torch.log(sigmas).numpy() + 1.1) / 2.0)
+    ref = cdf[1:] - cdf[:-1]
+    ref = ref / ref.sum()
+    assert torch.allclose(p, torch.from_numpy(ref), rtol=1e-9, atol=1e-14)
+    assert torch.all(p > 0)
+
+
+def test_uniform_probs():
+    p = uniform_index_probs(karras_sigmas(5, 0.002, 80.0, 7.0))
+    assert torch.allclose(p, torch.full((4,), 0.25, dtype=p.dtype))
+
+
+def test_reciprocal_weighting_decreases():
+    s = karras_sigmas(41, 0.002, 80.0, 7.0)
+    lam = reciprocal_weighting(s[:-1], s[1:])
+    assert torch.allclose(lam, 1 / (s[1:] - s[:-1]))
+    assert torch.all(lam[1:] < lam[:-1])  # iCT Sec. 3.1: smaller weight at higher noise
+
+
+def test_pseudo_huber_c_cifar():
+    # iCT Sec. 3.3: c = 0.00054 sqrt(d); CIFAR-10 (d = 3072) gives ~0.03.
+    assert pseudo_huber_c(3072) == pytest.approx(0.00054 * math.sqrt(3072))
+    assert pseudo_huber_c(3072) == pytest.approx(0.0299, abs=1e-4)
+
+
+def test_progress_and_warmup():
+    p = Progress(nimg=1280, total_nimg=12800, batch_size=128)
+    assert (p.k, p.K, p.fraction) == (10, 100, 0.1)
+    assert lr_warmup(50, 100) == 0.5 and lr_warmup(500, 100) == 1.0 and lr_warmup(0, 0) == 1.0
