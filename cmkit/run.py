@@ -59,8 +59,8 @@ class Run:
         times = times or self.objective.sample_times(steps)
         if class_labels is None and self.cfg.net.class_cond:
             class_labels = torch.arange(n) % self.dataset.num_classes
-        x = sample_batched(self.model(ema), n, self.dataset.shape, times, seed=seed, device=self.device,
-                           batch_size=batch_size, class_labels=class_labels)
+        x = sample_batched(self.model(ema), n, self.dataset.shape, times, sampler=self.objective.sampler,
+                           seed=seed, device=self.device, batch_size=batch_size, class_labels=class_labels)
         return self.dataset.to_data_space(x) if data_space else x
 
 

@@ -161,8 +161,8 @@ class Trainer:
         if self.cfg.net.class_cond:
             labels = torch.arange(n) % self.dataset.num_classes
         x = sample_batched(
-            model, n, self.dataset.shape, self.objective.sample_times(steps), seed=seed, device=self.device,
-            class_labels=labels,
+            model, n, self.dataset.shape, self.objective.sample_times(steps), sampler=self.objective.sampler,
+            seed=seed, device=self.device, class_labels=labels,
         )
         return self.dataset.to_data_space(x)
 
@@ -173,6 +173,14 @@ class Trainer:
             save_samples(x, run_dir / "samples" / f"{self.nimg:012d}_{k}step.png", self.dataset.kind)
             if final:
                 save_samples(x, run_dir / f"samples_{k}step.png", self.dataset.kind)
+
+
+def periodic_eval(trainer: Trainer, run_dir: Path, log: RunLog) -> None:
+    """Metrics during training (eval.every_nimg), logged to log.jsonl and TensorBoard."""
+    from cmkit.evaluation import evaluate_during_training
+
+    metrics = evaluate_during_training(trainer, run_dir)
+    log.write(trainer.step, trainer.nimg, {f"eval/{k}": v for k, v in metrics.items()})
 
 
 def _version() -> str:
@@ -243,6 +251,9 @@ def train(cfg: Config, *, force: bool = False) -> Path:
                 trainer.save(run_dir)
             if info.is_main and rc.sample_every and trainer.step % rc.sample_every == 0 and not last:
                 trainer.write_samples(run_dir, final=False)
+            every = cfg.eval.every_nimg
+            if info.is_main and every and (trainer.nimg // every) > ((trainer.nimg - tc.batch_size) // every):
+                periodic_eval(trainer, run_dir, log)
         trainer.save(run_dir)
         if info.is_main and stop["signal"] is None:
             trainer.write_samples(run_dir, final=True)

@@ -56,7 +56,15 @@ class Objective(nn.Module):
         """Called after each phase's optimiser step (target/teacher updates, adaptive state)."""
 
     def sample_times(self, steps: int) -> list[float]:
+        """Default times of a K-step sampler (for diffusion objectives K is the NFE budget)."""
         return self.model.process.sampling_times(steps)
+
+    @property
+    def sampler(self):
+        """The sampling function for this method's model (STYLE 7 signature)."""
+        from cmkit.sampling import consistency_sample
+
+        return consistency_sample
 
     def extra_state(self) -> dict:
         """Non-tensor state (floats, ints) the checkpoint must carry."""
