@@ -29,7 +29,7 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     print(cfg.to_yaml(), end="")
-    run_dir = train(cfg, force=args.force)
+    run_dir = train(cfg, force=args.force, stop_after=args.stop_after)
     print(f"cmkit: run written to {run_dir}")
     return 0
 
@@ -54,6 +54,7 @@ def add_train(sub) -> None:
     p.add_argument("config", nargs="?", help="YAML config, e.g. configs/ict_toy.yaml")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100 run.dir=runs/x")
     p.add_argument("--force", action="store_true", help="start over in a run directory that holds another run")
+    p.add_argument("--stop-after", type=int, default=None, help="end this job after N steps (resume later)")
     p.set_defaults(func=cmd_train)
 
 

@@ -207,8 +207,12 @@ def prepare_run_dir(run_dir: Path, cfg: Config, force: bool) -> None:
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
 
-def train(cfg: Config, *, force: bool = False) -> Path:
-    """Train cfg's method; resume from the run directory's latest checkpoint if it has one."""
+def train(cfg: Config, *, force: bool = False, stop_after: int | None = None) -> Path:
+    """Train cfg's method; resume from the run directory's latest checkpoint if it has one.
+
+    ``stop_after`` ends this job after that many steps with a checkpoint (schedules still span
+    train.steps), e.g. to fit a cluster's time limit; re-running resumes.
+    """
     info = distributed.init(cfg.train.device)
     device = resolve_device(cfg.train.device, info.local_rank)
     if cfg.train.threads > 0:
@@ -237,8 +241,9 @@ def train(cfg: Config, *, force: bool = False) -> Path:
 
     old_handlers = _install(on_signal)
     start, t_last, steps_last = time.perf_counter(), time.perf_counter(), trainer.step
+    end = tc.steps if stop_after is None else min(tc.steps, trainer.step + stop_after)
     try:
-        while trainer.step < tc.steps and stop["signal"] is None:
+        while trainer.step < end and stop["signal"] is None:
             logs = trainer.train_step(stream)
             last = trainer.step == tc.steps
             if trainer.step % rc.log_every == 0 or last:
@@ -255,7 +260,7 @@ def train(cfg: Config, *, force: bool = False) -> Path:
             if info.is_main and every and (trainer.nimg // every) > ((trainer.nimg - tc.batch_size) // every):
                 periodic_eval(trainer, run_dir, log)
         trainer.save(run_dir)
-        if info.is_main and stop["signal"] is None:
+        if info.is_main and stop["signal"] is None and trainer.step == tc.steps:
             trainer.write_samples(run_dir, final=True)
             summary = {"steps": trainer.step, "nimg": trainer.nimg, "wall_sec": time.perf_counter() - start,
                        "last_log": log.last}

@@ -29,10 +29,10 @@ def test_resume_is_bit_exact(tmp_path, method):
     base = ["configs/ict_toy.yaml", f"method.name={method}", "net.dropout=0.2", *TINY]
     full = load_config(base[0], base[1:] + ["train.steps=6", f"run.dir={tmp_path/'a'}"])
     train(full)
-    half = load_config(base[0], base[1:] + ["train.steps=3", f"run.dir={tmp_path/'b'}"])
-    train(half)
-    rest = load_config(base[0], base[1:] + ["train.steps=6", f"run.dir={tmp_path/'b'}"])
-    train(rest)
+    interrupted = load_config(base[0], base[1:] + ["train.steps=6", f"run.dir={tmp_path/'b'}"])
+    train(interrupted, stop_after=3)
+    assert _params(tmp_path / "b")["progress"]["step"] == 3
+    train(interrupted)
     a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
     assert a["progress"] == b["progress"] and a["progress"]["step"] == 6
     for part in ("objective", "ema"):
