@@ -131,3 +131,29 @@ def lr_warmup(nimg: int, warmup_nimg: int) -> float:
     if warmup_nimg <= 0:
         return 1.0
     return min(nimg / warmup_nimg, 1.0)
+
+
+# ----------------------------------------------------------------------------
+# Adversarial weights and blur (ACT, CM-GAN).
+
+
+def act_adversarial_weight(n: Tensor, num_scales: int, w: float, w_mid: float) -> Tensor:
+    """ACT Eq. 10: λ_N(n) = w·(n/(N-1))^{log_{1/2}(w_mid/w)}, clipped to [0, 1].
+
+    The extracted Eq. 10 is garbled; this form is reconstructed from the text around it: it gives
+    λ = w at n = N-1 and λ = w_mid at n = (N-1)/2. n is the 0-based index of the noisier level
+    t_{n+1} on the N-point grid, so the noisiest level gets w. The clip keeps (1-λ)·L_CT + λ·L_G
+    a convex mix when w_mid > w makes λ grow towards small n.
+    """
+    n = torch.as_tensor(n, dtype=torch.float64)
+    if w <= 0:
+        return torch.zeros_like(n)
+    gamma = math.log(w_mid / w) / math.log(0.5) if w_mid > 0 else math.inf
+    return (w * (n / (num_scales - 1)) ** gamma).clamp(0.0, 1.0)
+
+
+def blur_sigma(nimg: int, sigma0: float, decay_nimg: int) -> float:
+    """CM-GAN Algorithm 1: σ_blur decays linearly from σ0 to 0 over the first M images, then 0."""
+    if decay_nimg <= 0:
+        return 0.0
+    return sigma0 * max(1.0 - nimg / decay_nimg, 0.0)

@@ -6,13 +6,14 @@ from typing import Sequence
 
 from torch import nn
 
+from cmkit.nets.discriminator import DISCRIMINATORS, build_discriminator
 from cmkit.nets.layers import EMBEDDINGS, NORMS
 from cmkit.nets.mlp import MLP
 from cmkit.nets.unet import UNet
 
 NETWORKS: dict[str, type] = {"unet": UNet, "mlp": MLP}
 
-__all__ = ["EMBEDDINGS", "MLP", "NETWORKS", "NORMS", "UNet", "build_network"]
+__all__ = ["DISCRIMINATORS", "build_discriminator", "EMBEDDINGS", "MLP", "NETWORKS", "NORMS", "UNet", "build_network"]
 
 
 def build_network(cfg, data_shape: Sequence[int], num_classes: int = 0) -> nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cmkit.objectives.act import ACTConfig, AdversarialConsistencyTraining
 from cmkit.objectives.base import MethodSpec, Objective, Phase
 from cmkit.objectives.consistency import ConsistencyConfig, ConsistencyTraining
 
@@ -19,6 +20,9 @@ ICT_PRESET = dict(  # iCT Table 1 (right column)
 METHODS: dict[str, MethodSpec] = {
     "ct": MethodSpec(ConsistencyTraining, ConsistencyConfig, CT_PRESET),
     "ict": MethodSpec(ConsistencyTraining, ConsistencyConfig, ICT_PRESET),
+    # ACT on CT with an EMA teacher (ACT Table 6: s0=2, s1=150, μ0=0.9) or on iCT.
+    "act": MethodSpec(AdversarialConsistencyTraining, ACTConfig, CT_PRESET),
+    "act_ict": MethodSpec(AdversarialConsistencyTraining, ACTConfig, ICT_PRESET),
 }
 
 

@@ -1,0 +1,204 @@
+"""ACT and ACT-Aug: consistency training plus a time-conditioned discriminator (ACT Algorithms 1-2).
+
+The consistency loss L_CT is cmkit's CT/iCT objective, composed (``self.ct``), so ACT runs on CT
+(the paper) or iCT by configuration. Two phases, each on its own batch and its own n:
+"model" minimises L_f = (1 - λ_N(n+1))·L_CT + λ_N(n+1)·L_G, "discriminator" minimises
+L_d = λ_N(n+1)·L_D + λ_N(n+1)·L_gp. The discriminator, its optimiser (made by the loop), p_aug
+and the penalty EMA all live in this objective's state, so checkpoints carry them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from cmkit.augment import AUG_OPS, DiffAugment
+from cmkit.config import ConfigError
+from cmkit.nets import build_discriminator
+from cmkit.nets.discriminator import ACTIVATIONS
+from cmkit.objectives.base import Objective, Phase
+from cmkit.objectives.consistency import ConsistencyConfig, ConsistencyTraining
+from cmkit.objectives.gan import (
+    GAN_LOSSES,
+    frozen_call,
+    gradient_penalty,
+    lazy_due,
+    update_aug_probability,
+)
+from cmkit.schedules import Progress, act_adversarial_weight
+
+
+@dataclass
+class ACTConfig(ConsistencyConfig):
+    """CT/iCT options (inherited) plus ACT's (ACT Table 6, CIFAR-10 column as defaults)."""
+
+    name: str = "act"
+    w: float = 0.3  # λ_N at n = N-1 (Eq. 10)
+    w_mid: float = 0.3  # λ_N at n = (N-1)/2 (Eq. 10)
+    gan_loss: str = "saturating"  # saturating (Eq. 8-9) | non_saturating | hinge
+    w_gp: float = 1.0  # gradient-penalty weight w_gp; the paper does not state its value
+    gp_interval: int = 16  # I_gp: lazy penalty every I_gp iterations
+    augment: bool = False  # ACT-Aug (Algorithm 2), images only
+    aug_ops: list[str] = field(default_factory=lambda: ["flip", "translate", "cutout"])
+    aug_interval: int = 16  # I_p: p_aug update interval (a multiple of gp_interval)
+    aug_target: float = 0.55  # τ
+    aug_rate: float = 0.05  # p_r
+    aug_ema: float = 0.93  # μ_p
+    disc_blocks: int = 0  # ResBlocks per level; 0 = ceil(1.5 * net.num_blocks) (ACT App. A)
+    disc_time_emb: bool = True  # Table 4 't-emb'
+    disc_activation: str = "silu"  # silu | leaky_relu (Table 4)
+    disc_hidden: int = 0  # MLP discriminator width; 0 = net.hidden
+    disc_depth: int = 0  # MLP discriminator depth; 0 = net.depth
+
+    def validate(self) -> None:
+        super().validate()
+        if self.gan_loss not in GAN_LOSSES:
+            raise ValueError(f"method.gan_loss='{self.gan_loss}' is not valid. Choose one of: {', '.join(GAN_LOSSES)}")
+        if self.disc_activation not in ACTIVATIONS:
+            raise ValueError(f"method.disc_activation='{self.disc_activation}'. Choose one of: {', '.join(ACTIVATIONS)}")
+        if not (0 <= self.w <= 1 and 0 <= self.w_mid <= 1):
+            raise ValueError(f"method.w and method.w_mid must lie in [0, 1], got {self.w}, {self.w_mid}")
+        if self.w_gp < 0 or self.gp_interval < 1:
+            raise ValueError("method.w_gp must be >= 0 and method.gp_interval >= 1")
+        if self.aug_interval < 1 or self.aug_interval % self.gp_interval:
+            raise ValueError(
+                f"method.aug_interval={self.aug_interval} must be a positive multiple of method.gp_interval="
+                f"{self.gp_interval}: p_aug follows the EMA of penalties, which exist only every I_gp steps"
+            )
+        unknown = sorted(set(self.aug_ops) - set(AUG_OPS))
+        if unknown or not self.aug_ops:
+            raise ValueError(f"method.aug_ops {unknown or '[]'} not valid. Choose from: {', '.join(AUG_OPS)}")
+        if not (0 <= self.aug_rate <= 1 and 0 <= self.aug_ema < 1):
+            raise ValueError("method.aug_rate must lie in [0, 1] and method.aug_ema in [0, 1)")
+
+
+class AdversarialConsistencyTraining(Objective):
+    """ACT / ACT-Aug: phases "model" (consistency model) and "discriminator"."""
+
+    def __init__(self, cfg, shape: tuple[int, ...], num_classes: int = 0):
+        super().__init__()
+        m = cfg.method
+        self.cfg = m
+        self.ct = ConsistencyTraining(cfg, shape, num_classes)
+        self.discriminator = build_discriminator(
+            cfg.net, shape, num_classes, blocks=m.disc_blocks, time_emb=m.disc_time_emb,
+            activation=m.disc_activation, hidden=m.disc_hidden, depth=m.disc_depth)
+        if m.augment and len(shape) != 3:
+            raise ConfigError(f"method.augment=true needs image data (C, H, W); this dataset has shape {shape}")
+        self.augment = DiffAugment(m.aug_ops) if m.augment else None
+        self.gan = GAN_LOSSES[m.gan_loss]
+        # ACT Alg. 2 line 2: p_aug ← 0 and L̄_gp ← τ.
+        self.p_aug = 0.0
+        self.gp_ema = m.aug_target
+        self._gp: Tensor | None = None  # last penalty (w_gp·‖∇D‖², batch mean), read in after_phase
+
+    @property
+    def model(self):
+        return self.ct.model
+
+    @property
+    def process(self):
+        return self.ct.process
+
+    @property
+    def phases(self) -> list[Phase]:
+        return [Phase("model", self.model, self.generator_loss),
+                Phase("discriminator", self.discriminator, self.discriminator_loss)]
+
+    # -- pieces --------------------------------------------------------------
+    def critic(self, x: Tensor, t: Tensor, labels: Tensor | None = None, *, train: bool = True) -> Tensor:
+        """D_aug(x, t) logits (ACT Sec. 3.4); with train=False D's parameters get no gradient."""
+        if self.augment is not None:
+            x = self.augment(x, self.p_aug)
+        c_noise = self.process.c_noise(t.to(torch.float32))
+        if train:
+            return self.discriminator(x, c_noise, labels)
+        return frozen_call(self.discriminator, x, c_noise, labels)
+
+    def adversarial_weight(self, sigma_next: Tensor, n: int) -> Tensor:
+        """λ_N(n+1) per sample (Eq. 10), from σ_{n+1}'s index on the current N-point grid."""
+        sigmas, _ = self.ct.grid(n, sigma_next.device)
+        grid = sigmas.to(sigma_next.dtype)
+        index = torch.searchsorted(grid, sigma_next.contiguous())
+        if not torch.equal(grid[index], sigma_next):
+            raise RuntimeError("σ_{n+1} is not on the consistency objective's grid")
+        return act_adversarial_weight(index, n, self.cfg.w, self.cfg.w_mid).to(torch.float32)
+
+    # -- phases --------------------------------------------------------------
+    def generator_loss(self, batch, progress: Progress) -> dict:
+        # L_CT from the composed CT/iCT objective (Alg. 1 line 6); its first student call,
+        # f_θ(x + t_{n+1} z, t_{n+1}), is captured for L_G so both terms share x, z and n (lines 4-7).
+        seen: dict = {}
+
+        def capture(module, args, output):
+            seen.setdefault("student", (output, args[1]))
+
+        handle = self.model.register_forward_hook(capture)
+        try:
+            out = self.ct.loss(batch, progress)
+        finally:
+            handle.remove()
+        student, t_next = seen["student"]
+        lam = self.adversarial_weight(t_next, int(out["N"]))
+        # Alg. 1 lines 7-8: L_G = log(1 - D(f_θ(x + t_{n+1} z, t_{n+1}), t_{n+1})) (Eq. 8);
+        # L_f = (1 - λ_N(n+1))·L_CT + λ_N(n+1)·L_G. D is only read here, so its parameters get no gradient.
+        l_g = self.gan.generator(self.critic(student, t_next, batch.get("labels"), train=False))
+        loss = (1 - lam) * out["loss"] + lam * l_g
+        return {"loss": loss, "N": out["N"], "ct_loss": out["loss"].detach().mean(),
+                "g_loss": l_g.detach().mean(), "lambda": lam.mean()}
+
+    def discriminator_loss(self, batch, progress: Progress) -> dict:
+        # Alg. 1 lines 11-12: own real batch and own n; fakes from other images of the batch
+        # (x_g, rolled by half a batch) so real and fake come from different data points.
+        x_r, labels = batch["x"], batch.get("labels")
+        half = x_r.shape[0] // 2
+        x_g = x_r.roll(half, 0)
+        labels_g = labels.roll(half, 0) if labels is not None else None
+        _, sigma_next, n = self.ct.sample_pairs(x_r, progress)
+        lam = self.adversarial_weight(sigma_next, n)
+        t = sigma_next.to(x_r.dtype)
+        with torch.no_grad():
+            fake = self.model(self.process.add_noise(x_g, torch.randn_like(x_g), t), t, labels_g)
+
+        due = self.cfg.w_gp > 0 and lazy_due(progress.k, self.cfg.gp_interval)
+        x_r = x_r.detach().requires_grad_(due)
+        real_logits = self.critic(x_r, t, labels)
+        fake_logits = self.critic(fake, t, labels_g)
+        # Alg. 1 line 13 / Eq. 9.
+        l_d = self.gan.discriminator(real_logits, fake_logits)
+        logs = {"d_loss": l_d.detach().mean(), "real_logit": real_logits.detach().mean(),
+                "fake_logit": fake_logits.detach().mean()}
+        loss = lam * l_d
+        if due:
+            # Alg. 1 line 14: L_gp = w_gp·‖∇_{x_r} D(x_r, t_{n+1})‖²·[k mod I_gp = 0] (through A(·) in ACT-Aug).
+            gp = self.cfg.w_gp * gradient_penalty(real_logits, x_r)
+            self._gp = gp.detach().mean()
+            logs["gp"] = self._gp
+            loss = loss + lam * gp  # line 15
+        if self.augment is not None:
+            logs["p_aug"] = self.p_aug
+        return {"loss": loss, **logs}
+
+    def after_phase(self, phase: str, progress: Progress) -> None:
+        if phase == "model":
+            self.ct.after_phase(phase, progress)  # CT's EMA teacher (Alg. 1 line 10); nothing for iCT
+            return
+        if self._gp is None or not lazy_due(progress.k, self.cfg.gp_interval):
+            return
+        gp, self._gp = float(self._gp), None
+        if not lazy_due(progress.k, self.cfg.aug_interval):
+            return
+        # Alg. 2 lines 17-19: p_aug from the EMA before this update, then the EMA itself.
+        if self.augment is not None:
+            self.p_aug = update_aug_probability(self.p_aug, self.gp_ema, self.cfg.aug_target, self.cfg.aug_rate)
+        self.gp_ema = self.cfg.aug_ema * self.gp_ema + (1 - self.cfg.aug_ema) * gp
+
+    def extra_state(self) -> dict:
+        return {"p_aug": self.p_aug, "gp_ema": self.gp_ema, **self.ct.extra_state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.p_aug = float(state.get("p_aug", 0.0))
+        self.gp_ema = float(state.get("gp_ema", self.cfg.aug_target))
+        self.ct.load_extra_state(state)
