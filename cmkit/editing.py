@@ -369,6 +369,8 @@ def edit_run(run, task: str, x: Tensor | None = None, *, mask: Tensor | None = N
     if task not in TASKS:
         raise ConfigError(f"unknown task '{task}'. Valid tasks: {', '.join(TASKS)}")
     model, ds = run.model(ema), run.dataset
+    if getattr(model, "kind", "consistency") != "consistency":
+        raise ConfigError(f"run '{run.dir}' holds a {model.kind} model; zero-shot editing needs a consistency model")
     labels = None
     if run.cfg.net.class_cond:
         if label is None:
