@@ -157,3 +157,25 @@ def blur_sigma(nimg: int, sigma0: float, decay_nimg: int) -> float:
     if decay_nimg <= 0:
         return 0.0
     return sigma0 * max(1.0 - nimg / decay_nimg, 0.0)
+
+
+# ----------------------------------------------------------------------------
+# Continuous-time consistency models (sCM).
+
+
+def tangent_warmup(k: int, warmup_iters: int) -> float:
+    """sCM Sec. 4.2 'Tangent Warmup': r rises linearly from 0 to 1 over the first H iterations; H = 0 means r = 1."""
+    if warmup_iters <= 0:
+        return 1.0
+    return min(k / warmup_iters, 1.0)
+
+
+def trigflow_lognormal_times(n: int, p_mean: float, p_std: float, sigma_data: float, *,
+                             device=None, generator=None) -> Tensor:
+    """t = arctan(σ/σ_d) with ln σ ~ N(P_mean, P_std²), i.e. σ_d·tan(t) ~ LogNormal (sCM Sec. 4.2).
+
+    The extracted Eq. 8 text reads 'e^{σ_d tan t} ~ N(P_mean, P_std²)', which is garbled: EDM's
+    log-normal proposal (Karras et al. 2022) puts ln σ = ln(σ_d tan t) on the normal.
+    """
+    tau = torch.randn(n, device=device, generator=generator) * p_std + p_mean
+    return torch.atan(torch.exp(tau) / sigma_data)

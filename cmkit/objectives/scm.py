@@ -1,0 +1,258 @@
+"""Continuous-time consistency models in TrigFlow: sCT and sCD (Lu & Song, 004_225d7b9daa3d4cfe.txt).
+
+One objective, Eq. 8: L(θ, φ) = E[e^{w_φ(t)}/D·‖F_θ - F_θ⁻ - g‖² - w_φ(t)] with g = cos(t)·df_θ⁻/dt
+(the prior weighting 1/(σ_d tan t) folded in), the tangent df_θ⁻/dt of Eq. 6 taken by forward-mode
+AD of the stop-gradient network in a separate no-grad pass, arranged as in Sec. 5.1. sCT estimates
+the PF-ODE by dx_t/dt = cos t·σ_d z - sin t·x0; sCD asks a TrigFlow diffusion teacher (Eq. 3).
+With ``discrete_steps = N`` the tangent becomes the finite difference of f_θ⁻ over one step of an
+N-step grid: discrete-time consistency training in TrigFlow with every other technique unchanged
+(for the continuous/discrete comparison of Fig. 5c).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from cmkit.model import Parameterized
+from cmkit.nets import build_network
+from cmkit.nets.layers import PositionalEmbedding
+from cmkit.objectives.base import Objective, Phase, SharedDropout
+from cmkit.processes import TIME_TRANSFORMS, TrigFlow, _bcast
+from cmkit.schedules import Progress, tangent_warmup, trigflow_lognormal_times
+
+TANGENT_NORMS = ("normalize", "clip", "none")
+PRIOR_WEIGHTINGS = ("prior", "uniform")
+
+
+def _choice(name: str, value: str, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"method.{name}='{value}' is not valid. Choose one of: {', '.join(valid)}")
+
+
+@dataclass
+class SCMConfig:
+    """Options of sCT / sCD (sCM Sec. 4-5); presets in objectives/__init__.
+
+    P_mean = -1.0, P_std = 1.4 and H = 10k are the paper's CIFAR-10 settings (its App. G; the
+    appendix is not in the extracted text, so these values are quoted from the published paper).
+    """
+
+    name: str = "sct"
+    sigma_data: float = 0.5
+    time_transform: str = "identity"  # c_noise(t) = t (Sec. 4.1) | edm: ¼ ln(σ_d tan t) (App. B.2)
+    time_scale: float = 1.0  # c_noise multiplier (1000 reproduces 'c_noise = 1000 t' style embeddings)
+    t_mid: list[float] = field(default_factory=lambda: [1.1])  # intermediate sampling times (Sec. 5.2)
+    p_mean: float = -1.0  # proposal: ln(σ_d tan t) ~ N(P_mean, P_std²)
+    p_std: float = 1.4
+    weighting: str = "prior"  # prior w(t) = 1/(σ_d tan t) (Eq. 8) | uniform w(t) = 1 (Eq. 2 as is)
+    adaptive_weighting: bool = True  # learn w_φ(t) jointly (Eq. 8)
+    weighting_dim: int = 128  # width of w_φ's positional time features
+    tangent_norm: str = "normalize"  # normalize g/(‖g‖+c) | clip to [-1, 1] | none
+    tangent_c: float = 0.1
+    tangent_warmup: int = 10000  # H: r = min(k/H, 1) multiplies the sin(t) term of Eq. 6; 0 = off
+    discrete_steps: int = 0  # N > 0: discrete-time CM in TrigFlow on an N-step grid (Fig. 5c)
+    shared_dropout: bool = True  # identical dropout masks in the tangent pass and the student pass
+    jvp_fp32: bool = True  # run the tangent pass with autocast disabled (Sec. 5.1 numerics)
+    teacher: str = ""  # sCD: run directory of a TrigFlow diffusion model (method.name=trigflow)
+    init_from_teacher: bool = True  # sCD: start the student from the teacher's weights (Sec. 4.2)
+
+    def validate(self) -> None:
+        _choice("time_transform", self.time_transform, TIME_TRANSFORMS)
+        _choice("tangent_norm", self.tangent_norm, TANGENT_NORMS)
+        _choice("weighting", self.weighting, PRIOR_WEIGHTINGS)
+        if self.sigma_data <= 0 or self.p_std <= 0 or self.tangent_c < 0:
+            raise ValueError("method.sigma_data and method.p_std must be > 0, method.tangent_c >= 0")
+        if any(not 0 < t < math.pi / 2 for t in self.t_mid) or any(b >= a for a, b in zip(self.t_mid, self.t_mid[1:])):
+            raise ValueError(f"method.t_mid must decrease strictly inside (0, π/2), got {self.t_mid}")
+        if self.discrete_steps < 0 or self.tangent_warmup < 0:
+            raise ValueError("method.discrete_steps and method.tangent_warmup must be >= 0")
+        if self.name == "scd" and not self.teacher:
+            raise ValueError("method.name=scd needs method.teacher=<run dir of a method.name=trigflow run>")
+
+
+class AdaptiveWeight(nn.Module):
+    """w_φ(t): a linear map of positional features of c_noise(t) (sCM Eq. 8; EDM2's learned log-variance)."""
+
+    def __init__(self, process: TrigFlow, dim: int = 128):
+        super().__init__()
+        self.process = process
+        self.features = PositionalEmbedding(dim)
+        self.linear = nn.Linear(dim, 1)
+        nn.init.zeros_(self.linear.weight)  # start at w_φ = 0: e^{w_φ} = 1, the plain Eq. 8 weight
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.linear(self.features(self.process.c_noise(t.float()))).squeeze(1)
+
+
+def normalize_tangent(g: Tensor, kind: str, c: float = 0.1) -> Tensor:
+    """sCM Sec. 4.2 'Tangent Normalization': g/(‖g‖₂ + c) per sample, or clip(g, -1, 1), or g."""
+    if kind == "normalize":
+        return g / (g.flatten(1).norm(dim=1).reshape(-1, *[1] * (g.ndim - 1)) + c)
+    if kind == "clip":
+        return g.clamp(-1.0, 1.0)
+    return g
+
+
+class ContinuousConsistency(Objective):
+    """sCT / sCD: one phase stepping the student F_θ and the weighting network w_φ together."""
+
+    def __init__(self, cfg, shape: tuple[int, ...], num_classes: int = 0):
+        super().__init__()
+        m = cfg.method
+        self.cfg = m
+        self.process = TrigFlow(m.sigma_data, m.time_transform, m.time_scale, tuple(m.t_mid))
+        self.model = Parameterized(build_network(cfg.net, shape, num_classes), self.process, "consistency")
+        self.weight_net = AdaptiveWeight(self.process, m.weighting_dim) if m.adaptive_weighting else None
+        self.teacher = None
+        self.num_classes = num_classes
+        if m.teacher:
+            self.set_teacher(_load_teacher(m.teacher, cfg, shape, num_classes))
+            if m.init_from_teacher:  # diffusion fine-tuning (Sec. 4.2): same backbone, its weights
+                try:
+                    self.model.net.load_state_dict(self.teacher.net.state_dict())
+                except RuntimeError as e:
+                    from cmkit.config import ConfigError
+
+                    raise ConfigError(f"method.init_from_teacher=true needs the teacher's net config: {e}") from None
+
+    def set_teacher(self, teacher: nn.Module) -> None:
+        """Use a TrigFlow diffusion model (output = velocity dx_t/dt, Eq. 3) as the sCD teacher."""
+        self.teacher = teacher.requires_grad_(False)
+
+    @property
+    def phases(self) -> list[Phase]:
+        # One optimiser steps F_θ and w_φ jointly (Eq. 8 minimises over both).
+        modules = {"model": self.model}
+        if self.weight_net is not None:
+            modules["weight"] = self.weight_net
+        return [Phase("model", nn.ModuleDict(modules), self.loss)]
+
+    # -- pieces ----------------------------------------------------------------
+    def sample_t(self, n: int, device) -> Tensor:
+        return trigflow_lognormal_times(n, self.cfg.p_mean, self.cfg.p_std, self.cfg.sigma_data, device=device)
+
+    def _F(self, x_scaled: Tensor, t: Tensor, labels) -> Tensor:
+        """F_θ(x_t/σ_d, c_noise(t)) with c_noise inside, so derivatives in t pass through it."""
+        return self.model.net(x_scaled, self.process.c_noise(t), labels)
+
+    @torch.no_grad()
+    def tangent(self, x_t: Tensor, t: Tensor, dxdt: Tensor, labels=None, r: float = 1.0) -> tuple[Tensor, Tensor]:
+        """(F_θ⁻, cos(t)·df_θ⁻/dt) at (x_t, t) along dx_t/dt, by one no-grad JVP (sCM Eq. 6, Sec. 5.1).
+
+        The JVP of F⁻ at (x_t/σ_d, t) with tangents (cos t sin t·dx_t/dt, cos t sin t·σ_d) gives
+        σ_d cos t sin t·dF⁻/dt (Sec. 5.1; the extracted equation drops the σ_d on its left, derived
+        here from dF⁻/dt = ∇F⁻·(dx_t/dt)/σ_d + ∂_t F⁻). Then, from Eq. 6 times cos t, with the
+        tangent-warmup r on the sin t term (Sec. 4.2):
+        cos t·df⁻/dt = -cos²t·(σ_d F⁻ - dx_t/dt) - r·(cos t sin t·x_t + σ_d cos t sin t·dF⁻/dt).
+        """
+        sd = self.cfg.sigma_data
+        t = t.to(x_t.dtype)
+        cs = torch.cos(t) * torch.sin(t)
+        cos, csb = _bcast(torch.cos(t), x_t), _bcast(cs, x_t)
+
+        def F(x_scaled, tt):
+            return self._F(x_scaled, tt, labels)
+
+        autocast_off = torch.autocast(x_t.device.type, enabled=False) if self.cfg.jvp_fp32 else _null()
+        with autocast_off:
+            F_minus, jvp = torch.func.jvp(F, (x_t / sd, t), (csb * dxdt, cs * sd))
+        g = -cos**2 * (sd * F_minus - dxdt) - r * (csb * x_t + jvp)
+        return F_minus, g
+
+    @torch.no_grad()
+    def finite_difference_tangent(self, x_t, t, x_s, s, labels, dropout: SharedDropout):
+        """(F_θ⁻(x_t), cos t·(f_θ⁻(x_t, t) - f_θ⁻(x_s, s))/(t - s)): the discrete-time tangent (Fig. 5c)."""
+        sd = self.cfg.sigma_data
+        with dropout.record():
+            F_minus = self._F(x_t / sd, t, labels)
+        f_t = _bcast(torch.cos(t), x_t) * x_t - _bcast(torch.sin(t), x_t) * sd * F_minus  # Eq. 5
+        with dropout.replay():
+            f_s = self.model(x_s, s, labels)
+        return F_minus, _bcast(torch.cos(t) / (t - s), x_t) * (f_t - f_s)
+
+    def velocity(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels) -> Tensor:
+        """dx_t/dt: cos t·σ_d z - sin t·x0 (sCT) or the teacher's σ_d F_teacher(x_t/σ_d, t) (sCD, Eq. 3)."""
+        if self.teacher is None:
+            return self.process.velocity_target(x0, z, t)
+        with torch.no_grad():
+            return self.teacher(x_t, t, labels)
+
+    # -- the loss --------------------------------------------------------------
+    def consistency_loss(self, x0: Tensor, z: Tensor, t: Tensor, labels=None, progress: Progress | None = None) -> dict:
+        """Per-sample Eq. 8 at given data x0, standard normal z and times t."""
+        m, sd = self.cfg, self.cfg.sigma_data
+        x_t = self.process.add_noise(x0, z, t)
+        dropout = SharedDropout(x0.device, m.shared_dropout)
+        r = tangent_warmup(progress.k, m.tangent_warmup) if progress is not None else 1.0
+        if m.discrete_steps > 0:
+            step = (math.pi / 2) / m.discrete_steps
+            s = t - step
+            if self.teacher is None:  # CT: the same x0 and z one grid step earlier
+                x_s = self.process.add_noise(x0, z, s)
+            else:  # CD: one exact-for-one-point TrigFlow step with the teacher velocity (DDIM)
+                x_s = math.cos(step) * x_t - math.sin(step) * self.velocity(x0, z, x_t, t, labels)
+            F_minus, g = self.finite_difference_tangent(x_t, t, x_s, s, labels, dropout)
+        else:
+            dxdt = self.velocity(x0, z, x_t, t, labels)
+            with dropout.record():
+                F_minus, g = self.tangent(x_t, t, dxdt, labels, r)
+        if m.weighting == "uniform":  # w = 1: y = -σ_d sin t·df/dt = -σ_d tan t·(cos t df/dt)
+            g = _bcast(sd * torch.tan(t), g) * g
+        raw_norm = g.flatten(1).norm(dim=1)
+        g = normalize_tangent(g, m.tangent_norm, m.tangent_c)
+        with dropout.replay():
+            F_theta = self._F(x_t / sd, t, labels)
+        # Eq. 8: e^{w_φ}/D·‖F_θ - F_θ⁻ - g‖² - w_φ.
+        mse = (F_theta.float() - F_minus.float() - g.float()).flatten(1).square().mean(1)
+        out = {"mse": mse.detach().mean(), "tangent_norm": raw_norm.mean(), "r": r}
+        if self.weight_net is not None:
+            w = self.weight_net(t)
+            out["loss"] = torch.exp(w) * mse - w
+            out["w_phi"] = w.detach().mean()
+        else:
+            out["loss"] = mse
+        return out
+
+    def loss(self, batch, progress: Progress) -> dict:
+        x0, labels = batch["x"], batch.get("labels")
+        t = self.sample_t(x0.shape[0], x0.device)
+        if self.cfg.discrete_steps > 0:  # snap to the grid t_i = i·π/(2N), i = 1..N
+            step = (math.pi / 2) / self.cfg.discrete_steps
+            t = (torch.ceil(t / step).clamp(1, self.cfg.discrete_steps) * step).to(t.dtype)
+        z = torch.randn_like(x0)
+        return self.consistency_loss(x0, z, t.to(x0.dtype), labels, progress)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _load_teacher(path: str, cfg, shape, num_classes) -> nn.Module:
+    """The EMA model of a TrigFlow diffusion run (method.name=trigflow) for sCD."""
+    from cmkit.checkpoint import CheckpointError
+    from cmkit.config import ConfigError
+    from cmkit.run import load
+
+    try:
+        run = load(path)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"method.teacher='{path}': {e}") from None
+    if run.cfg.method.name != "trigflow":
+        raise ConfigError(
+            f"method.teacher='{path}' is a method.name={run.cfg.method.name} run; sCD needs a TrigFlow diffusion "
+            "model (train one with configs/trigflow_*.yaml)"
+        )
+    if tuple(run.dataset.shape) != tuple(shape):
+        raise ConfigError(f"the teacher was trained on data of shape {run.dataset.shape}, this run's data is {tuple(shape)}")
+    if abs(run.cfg.method.sigma_data - cfg.method.sigma_data) > 0:
+        raise ConfigError("method.sigma_data must equal the teacher's")
+    return run.model(ema=True)
