@@ -5,6 +5,8 @@ from __future__ import annotations
 from cmkit.objectives.act import ACTConfig, AdversarialConsistencyTraining
 from cmkit.objectives.base import MethodSpec, Objective, Phase
 from cmkit.objectives.consistency import ConsistencyConfig, ConsistencyTraining
+from cmkit.objectives.diffusion import EDMConfig, EDMDiffusion
+from cmkit.objectives.distillation import ConsistencyDistillation, DistillationConfig
 from cmkit.objectives.scm import ContinuousConsistency, SCMConfig
 from cmkit.objectives.trigflow import TrigFlowConfig, TrigFlowDiffusion
 
@@ -25,6 +27,10 @@ METHODS: dict[str, MethodSpec] = {
     # ACT on CT with an EMA teacher (ACT Table 6: s0=2, s1=150, μ0=0.9) or on iCT.
     "act": MethodSpec(AdversarialConsistencyTraining, ACTConfig, CT_PRESET),
     "act_ict": MethodSpec(AdversarialConsistencyTraining, ACTConfig, ICT_PRESET),
+    # EDM diffusion (Karras et al. 2022), the teachers of CD; CD of Song et al. 2023 (iCT Eq. 3): N = 18,
+    # uniform i, λ = 1, squared ℓ2 (their LPIPS is not used), Heun teacher step, target EMA μ = 0.95.
+    "edm": MethodSpec(EDMDiffusion, EDMConfig, {}),
+    "cd": MethodSpec(ConsistencyDistillation, DistillationConfig, {}),
     # sCM (004_225d7b9daa3d4cfe.txt): continuous-time CT/CD in TrigFlow, TrigFlow diffusion (sCD teacher),
     # and discrete-time CT in TrigFlow with the same techniques on an N-step grid (Fig. 5c).
     "sct": MethodSpec(ContinuousConsistency, SCMConfig, {}),
