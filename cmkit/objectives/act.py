@@ -62,7 +62,7 @@ class ACTConfig(ConsistencyConfig):
             raise ValueError(f"method.w and method.w_mid must lie in [0, 1], got {self.w}, {self.w_mid}")
         if self.w_gp < 0 or self.gp_interval < 1:
             raise ValueError("method.w_gp must be >= 0 and method.gp_interval >= 1")
-        if self.aug_interval < 1 or self.aug_interval % self.gp_interval:
+        if self.aug_interval < 1 or (self.augment and self.aug_interval % self.gp_interval):
             raise ValueError(
                 f"method.aug_interval={self.aug_interval} must be a positive multiple of method.gp_interval="
                 f"{self.gp_interval}: p_aug follows the EMA of penalties, which exist only every I_gp steps"
@@ -92,7 +92,8 @@ class AdversarialConsistencyTraining(Objective):
         # ACT Alg. 2 line 2: p_aug ← 0 and L̄_gp ← τ.
         self.p_aug = 0.0
         self.gp_ema = m.aug_target
-        self._gp: Tensor | None = None  # last penalty (w_gp·‖∇D‖², batch mean), read in after_phase
+        self._gp: Tensor | None = None  # this step's penalty (w_gp·‖∇D‖², batch mean), read in after_phase
+        self._gp_last: Tensor | None = None
 
     @property
     def model(self):
@@ -174,9 +175,11 @@ class AdversarialConsistencyTraining(Objective):
         if due:
             # Alg. 1 line 14: L_gp = w_gp·‖∇_{x_r} D(x_r, t_{n+1})‖²·[k mod I_gp = 0] (through A(·) in ACT-Aug).
             gp = self.cfg.w_gp * gradient_penalty(real_logits, x_r)
-            self._gp = gp.detach().mean()
+            self._gp = self._gp_last = gp.detach().mean()
             logs["gp"] = self._gp
             loss = loss + lam * gp  # line 15
+        if self._gp_last is not None:
+            logs["gp_last"] = self._gp_last  # the latest lazy penalty, logged at every step
         if self.augment is not None:
             logs["p_aug"] = self.p_aug
         return {"loss": loss, **logs}

@@ -1,0 +1,280 @@
+"""ACT / ACT-Aug: λ_N schedule, λ=0 equals CT, lazy gradient penalty, p_aug rule, augmentation,
+exact resume of the discriminator side, and learning on 2-D data (ACT Algorithms 1-2)."""
+
+import math
+
+import pytest
+import torch
+
+from cmkit.augment import DiffAugment
+from cmkit.checkpoint import latest_checkpoint
+from cmkit.config import load_config
+from cmkit.data import load_dataset
+from cmkit.objectives import build_objective
+from cmkit.objectives.gan import GAN_LOSSES, gradient_penalty
+from cmkit.schedules import Progress, act_adversarial_weight
+from cmkit.train import train
+from cmkit_testutils import sliced_wasserstein
+
+MLP = ["net.name=mlp", "net.hidden=32", "net.depth=2"]
+TINY_UNET = ["net.name=unet", "net.channels=8", "net.channel_mult=[1,2]", "net.num_blocks=1",
+             "net.attn_resolutions=[]", "net.num_groups=4"]
+
+
+def _objective(*overrides, shape=(2,), seed=0):
+    cfg = load_config(None, [*MLP, *overrides])
+    torch.manual_seed(seed)
+    return build_objective(cfg, shape)
+
+
+# ----------------------------------------------------------------------------
+# λ_N(n) (Eq. 10).
+
+
+@pytest.mark.parametrize("w,w_mid", [(0.6, 0.2), (0.3, 0.3), (0.5, 0.45)])
+def test_lambda_at_end_and_middle(w, w_mid):
+    n = 21  # (N-1)/2 = 10 is an integer
+    lam = act_adversarial_weight(torch.tensor([n - 1, (n - 1) // 2, 4]), n, w, w_mid)
+    assert lam[0].item() == pytest.approx(w, abs=1e-12)
+    assert lam[1].item() == pytest.approx(w_mid, abs=1e-12)
+    # hand-derived: w·(4/20)^{ln(w_mid/w)/ln(1/2)}
+    assert lam[2].item() == pytest.approx(w * 0.2 ** (math.log(w_mid / w) / math.log(0.5)), rel=1e-12)
+
+
+def test_lambda_zero_weight_and_clip():
+    assert torch.all(act_adversarial_weight(torch.arange(1, 11), 11, 0.0, 0.0) == 0)
+    # w_mid > w makes λ grow towards small n; it is clipped to 1
+    assert act_adversarial_weight(torch.tensor([1]), 101, 0.2, 0.6).item() == 1.0
+
+
+# ----------------------------------------------------------------------------
+# Generator step.
+
+
+def _model_grads(obj, loss_fn, batch, progress, seed=1):
+    obj.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss_fn(batch, progress)["loss"].mean().backward()
+    return [p.grad.clone() for p in obj.model.parameters()]
+
+
+@pytest.mark.parametrize("base", ["ct", "ict"])
+def test_lambda_zero_gives_the_ct_update(base):
+    act_name = "act" if base == "ct" else "act_ict"
+    ct = _objective(f"method.name={base}")
+    batch, progress = {"x": torch.randn(64, 2)}, Progress(640, 6400, 64)
+    reference = _model_grads(ct, ct.loss, batch, progress)
+    for w, same in ((0.0, True), (0.5, False)):
+        act = _objective(f"method.name={act_name}", f"method.w={w}", f"method.w_mid={w}")
+        act.model.load_state_dict(ct.model.state_dict())
+        if ct.teacher is not None:
+            act.ct.teacher.load_state_dict(ct.teacher.state_dict())
+        grads = _model_grads(act, act.generator_loss, batch, progress)
+        equal = all(torch.equal(a, b) for a, b in zip(grads, reference))
+        assert equal == same, (w, base)
+        # the generator step never trains the discriminator
+        assert all(p.grad is None for p in act.discriminator.parameters())
+
+
+def test_generator_loss_mixes_ct_and_gan_terms():
+    act = _objective("method.name=act", "method.w=0.4", "method.w_mid=0.4")
+    torch.manual_seed(3)
+    out = act.generator_loss({"x": torch.randn(32, 2)}, Progress(0, 3200, 32))
+    expected = 0.6 * out["ct_loss"] + 0.4 * out["g_loss"]  # λ = 0.4 everywhere
+    assert out["loss"].mean().item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_gan_losses_hand_values():
+    real, fake = torch.tensor([2.0, -0.5]), torch.tensor([0.5, -3.0])
+    sp = lambda v: math.log1p(math.exp(v))  # noqa: E731
+    sat, hinge = GAN_LOSSES["saturating"], GAN_LOSSES["hinge"]
+    assert torch.allclose(sat.generator(fake), torch.tensor([-sp(0.5), -sp(-3.0)]))  # log(1 - sigmoid(l))
+    assert torch.allclose(sat.discriminator(real, fake), torch.tensor([sp(-2.0) + sp(0.5), sp(0.5) + sp(-3.0)]))
+    assert torch.allclose(hinge.discriminator(real, fake), torch.tensor([0.0 + 1.5, 1.5 + 0.0]))
+    assert torch.allclose(hinge.generator(fake), torch.tensor([-0.5, 3.0]))
+
+
+# ----------------------------------------------------------------------------
+# Discriminator step: penalty.
+
+
+def test_gradient_penalty_matches_finite_differences():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SiLU(), torch.nn.Linear(16, 1)).double()
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    gp = gradient_penalty(net(x).squeeze(1), x)
+    eps = 1e-6
+    with torch.no_grad():
+        fd = torch.zeros(5, 3, dtype=torch.float64)
+        for j in range(3):
+            e = torch.zeros(3, dtype=torch.float64)
+            e[j] = eps
+            fd[:, j] = (net(x + e) - net(x - e)).squeeze(1) / (2 * eps)
+    assert torch.allclose(gp, fd.square().sum(1), rtol=1e-7)
+
+
+def _fixed_pairs(obj, n=11):
+    """Replace the index sampling by a fixed set of on-grid levels (σ_{n+1} = σ_1..σ_10)."""
+
+    def pairs(x0, progress):
+        sigmas, _ = obj.ct.grid(n, x0.device)
+        j = 1 + torch.arange(x0.shape[0]) % (n - 1)
+        return sigmas[j - 1], sigmas[j], n
+
+    obj.ct.sample_pairs = pairs
+
+
+def test_penalty_is_lazy_and_equals_weighted_grad_norm():
+    obj = _objective("method.name=act", "method.w=1", "method.w_mid=1", "method.gp_interval=3",
+                     "method.w_gp=5").double()
+    _fixed_pairs(obj)
+    x = torch.randn(16, 2, dtype=torch.float64)
+    seen = []
+    for k in range(7):
+        torch.manual_seed(k)
+        out = obj.discriminator_loss({"x": x}, Progress(16 * k, 1600, 16))
+        seen.append("gp" in out)
+        if k == 3:
+            loss_with = out["loss"].detach()
+            d_loss = out["d_loss"]
+    assert seen == [k % 3 == 0 for k in range(7)]
+    # independent: w_gp·‖∇_x D(x, c_noise(σ_{n+1}))‖² by central differences, λ = 1
+    sigmas, _ = obj.ct.grid(11, x.device)
+    t = sigmas[1 + torch.arange(16) % 10]
+    c = obj.process.c_noise(t.float()).double()
+    eps, fd = 1e-6, torch.zeros(16, 2, dtype=torch.float64)
+    with torch.no_grad():
+        for j in range(2):
+            e = torch.zeros(2, dtype=torch.float64)
+            e[j] = eps
+            fd[:, j] = (obj.discriminator(x + e, c) - obj.discriminator(x - e, c)) / (2 * eps)
+    gp = 5 * fd.square().sum(1)
+    # at k=3, the per-sample loss is L_D + gp; its mean minus d_loss's mean is gp's mean
+    assert (loss_with.mean() - d_loss).item() == pytest.approx(gp.mean().item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# ACT-Aug (Algorithm 2).
+
+
+def _aug_objective(*overrides):
+    return _objective("method.name=act", "method.augment=true", "method.aug_ops=[flip]", *TINY_UNET,
+                      *overrides, shape=(1, 8, 8))
+
+
+def test_p_aug_follows_the_hand_computed_sequence():
+    obj = _aug_objective("method.gp_interval=1", "method.aug_interval=1", "method.aug_target=0.55",
+                         "method.aug_rate=0.6", "method.aug_ema=0.5")
+    assert obj.p_aug == 0.0 and obj.gp_ema == 0.55  # Alg. 2 line 2
+    gps = [1.0, 0.1, 0.1, 2.0, 0.0]
+    # by hand: p ← clip(p + 2([ema ≥ 0.55] - 0.5)·0.6) with the EMA *before* its update, then ema ← (ema + gp)/2
+    want_p = [0.6, 1.0, 0.4, 0.0, 0.6]
+    want_ema = [0.775, 0.4375, 0.26875, 1.134375, 0.5671875]
+    for k, gp in enumerate(gps):
+        obj._gp = torch.tensor(gp, dtype=torch.float64)
+        obj.after_phase("discriminator", Progress(k * 8, 800, 8))
+        assert obj.p_aug == pytest.approx(want_p[k], abs=1e-12), k
+        assert obj.gp_ema == pytest.approx(want_ema[k], abs=1e-12), k
+
+
+def test_p_aug_updates_only_every_interval():
+    obj = _aug_objective("method.gp_interval=1", "method.aug_interval=2", "method.aug_rate=0.05")
+    ps = []
+    for k in range(5):
+        obj._gp = torch.tensor(10.0)
+        obj.after_phase("discriminator", Progress(k * 8, 800, 8))
+        ps.append(obj.p_aug)
+    assert ps == pytest.approx([0.05, 0.05, 0.10, 0.10, 0.15])
+
+
+def test_augmentation_probability_and_gradient():
+    aug = DiffAugment(["flip"])
+    x = torch.arange(64.0).reshape(1, 1, 8, 8).repeat(4000, 1, 1, 1)  # every image changes when flipped
+    assert torch.equal(aug(x, 0.0), x)
+    assert torch.equal(aug(x, 1.0), x.flip(-1))
+    flipped = (aug(x, 0.3) != x).flatten(1).any(1).float().mean().item()
+    assert abs(flipped - 0.3) < 4 * math.sqrt(0.3 * 0.7 / 4000)
+    # gradients pass through: d/dx Σ w·flip(x) = flip(w)
+    xs = torch.randn(3, 1, 8, 8, requires_grad=True)
+    w = torch.randn(3, 1, 8, 8)
+    (aug(xs, 1.0) * w).sum().backward()
+    assert torch.equal(xs.grad, w.flip(-1))
+    full = DiffAugment(["flip", "translate", "cutout"])
+    xs.grad = None
+    full(xs, 1.0).square().sum().backward()
+    assert torch.isfinite(xs.grad).all() and xs.grad.abs().sum() > 0
+
+
+def test_augment_requires_images():
+    from cmkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="image data"):
+        _objective("method.name=act", "method.augment=true")
+
+
+# ----------------------------------------------------------------------------
+# Loop integration.
+
+
+def _flat(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", v
+
+
+RUN = ["data.name=eight_gaussians", "data.n=512", *MLP, "method.name=act", "method.gp_interval=1",
+       "method.aug_interval=2", "train.batch_size=32", "train.steps=6", "run.progress=false",
+       "run.tensorboard=false", "run.sample_n=4", "run.sample_steps=[1]", "train.ema=[0.9]"]
+
+
+def test_extra_state_round_trip():
+    a, b = _aug_objective(), _aug_objective()
+    a.p_aug, a.gp_ema = 0.35, 0.123
+    b.load_extra_state(a.extra_state())
+    assert (b.p_aug, b.gp_ema) == (0.35, 0.123)
+
+
+def test_resume_restores_the_discriminator_side_exactly(tmp_path):
+    train(load_config(None, [*RUN, f"run.dir={tmp_path / 'a'}"]))
+    cfg_b = load_config(None, [*RUN, f"run.dir={tmp_path / 'b'}"])
+    train(cfg_b, stop_after=3)
+    train(cfg_b)
+    (_, a, _), (_, b, _) = latest_checkpoint(tmp_path / "a" / "checkpoints"), latest_checkpoint(tmp_path / "b" / "checkpoints")
+    assert any(k.startswith("discriminator.") for k in a["objective"])
+    assert "discriminator" in a["optimizers"]
+    assert a["extra"]["gp_ema"] != 0.55  # the penalty EMA moved (updated at k = 0, 2, 4)
+    assert a["extra"] == b["extra"] and a["progress"] == b["progress"]
+    for part in ("objective", "optimizers", "ema"):
+        fa, fb = dict(_flat(a[part])), dict(_flat(b[part]))
+        assert fa.keys() == fb.keys()
+        for k in fa:
+            same = torch.equal(fa[k], fb[k]) if torch.is_tensor(fa[k]) else fa[k] == fb[k]
+            assert same, k
+
+
+@pytest.mark.slow
+def test_act_learns_eight_gaussians(tmp_path):
+    from cmkit.run import load
+
+    args = [*MLP[:1], "net.hidden=64", "net.depth=2", "train.steps=600", "train.batch_size=128", "train.lr=3e-3",
+            "run.progress=false", "run.tensorboard=false", "run.sample_steps=[1]", "train.ema=[0.95]",
+            "method.gp_interval=4", "run.log_every=50", "train.threads=0"]
+    data = load_dataset(load_config("configs/act_toy.yaml", args).data).x[:2000]
+    train(load_config("configs/act_toy.yaml", [*args, "train.steps=0", f"run.dir={tmp_path / 'u'}"]))
+    swd0 = sliced_wasserstein(load(tmp_path / "u").sample(2000, 1, data_space=False), data)
+    train(load_config("configs/act_toy.yaml", [*args, f"run.dir={tmp_path / 'a'}"]))
+    run = load(tmp_path / "a")
+    x = run.sample(2000, 1, data_space=False)
+    assert torch.isfinite(x).all()
+    import json
+
+    logs = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    for rec in logs:
+        for k, v in rec.items():
+            assert not isinstance(v, str), (k, v)  # RunLog writes non-finite values as strings
+    assert any("discriminator/gp_last" in rec for rec in logs)
+    swd1 = sliced_wasserstein(x, data)
+    print(f"SWD untrained {swd0:.3f}  ACT 1-step {swd1:.3f}")
+    assert swd1 < 0.9 * swd0  # measured: 0.888 -> 0.685 after 1000 steps
