@@ -27,7 +27,18 @@ def pseudo_huber(x: Tensor, y: Tensor, c: float) -> Tensor:
     return torch.sqrt(_sq_norm(x, y) + c * c) - c
 
 
-DISTANCES = {"l2": l2, "pseudo_huber": pseudo_huber}
+def cauchy(x: Tensor, y: Tensor, c: float) -> Tensor:
+    """Cauchy metric d(x, y) = log(1 + ‖x - y‖₂²/(2c²)) (iLCT Eq. 6): grows only logarithmically."""
+    return torch.log1p(_sq_norm(x, y) / (2 * c * c))
+
+
+def geman_mcclure(x: Tensor, y: Tensor, c: float) -> Tensor:
+    """Geman-McClure metric d(x, y) = 2‖x - y‖₂²/(‖x - y‖₂² + 4c²) (iLCT Eq. 8): saturates at 2."""
+    r2 = _sq_norm(x, y)
+    return 2 * r2 / (r2 + 4 * c * c)
+
+
+DISTANCES = {"l2": l2, "pseudo_huber": pseudo_huber, "cauchy": cauchy, "geman_mcclure": geman_mcclure}
 
 
 def get_distance(name: str):

@@ -122,6 +122,17 @@ def pseudo_huber_c(dim: int) -> float:
     return 0.00054 * math.sqrt(dim)
 
 
+def adaptive_c(n: int) -> float:
+    """iLCT adaptive robustness constant c = exp(-1.18·log(N(k) - 1) - 0.72) (iLCT Eq. 11).
+
+    N(k) is the number of discretisation points of the curriculum (iLCT writes NFE(k)); c shrinks
+    with N because the TD values shrink as the grid gets finer (iLCT Sec. 4.5, Fig. 4).
+    """
+    if n < 2:
+        raise ValueError(f"adaptive c needs N >= 2 discretisation points, got {n}")
+    return math.exp(-1.18 * math.log(n - 1) - 0.72)
+
+
 # ----------------------------------------------------------------------------
 # Optimisation.
 

@@ -94,8 +94,71 @@ class GroupNorm(nn.GroupNorm):
         return super().forward(x.contiguous())
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm over (C, H, W) of each sample with a per-channel scale γ and shift β (iLCT Eq. 12, LN)."""
+
+    def __init__(self, channels: int, num_groups: int = 32, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # One group = every feature of the sample; contiguous for forward AD (MACHINE-NOTES 1).
+        return F.group_norm(x.contiguous(), 1, self.weight, self.bias, self.eps)
+
+
+class NonScalingLayerNorm(nn.Module):
+    """NsLN_β(x) = (x - u(x))/sqrt(σ²(x) + ε) + β (iLCT Eq. 12): LayerNorm with γ fixed at 1.
+
+    iLCT Sec. 4.6 sets the scale to 1 and stops its gradient; here there is no scale at all, so
+    no optimiser or weight decay can touch it. β is per channel.
+    """
+
+    def __init__(self, channels: int, num_groups: int = 32, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.group_norm(x.contiguous(), 1, None, self.bias, self.eps)
+
+
+class InstanceNorm(nn.Module):
+    """InstanceNorm: each channel of each sample normalised over (H, W), per-channel γ and β."""
+
+    def __init__(self, channels: int, num_groups: int = 32, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # GroupNorm with one group per channel is InstanceNorm with affine, and has forward AD.
+        return F.group_norm(x.contiguous(), x.shape[1], self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm x / sqrt(mean(x²) + ε)·γ over (C, H, W) of each sample (Zhang & Sennrich 2019), per-channel γ."""
+
+    def __init__(self, channels: int, num_groups: int = 32, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        ms = x.float().square().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+        w = self.weight.reshape(1, -1, *([1] * (x.ndim - 2)))
+        return (x * torch.rsqrt(ms + self.eps)).to(x.dtype) * w
+
+
 NORMS: dict[str, Callable[[int, int], nn.Module]] = {
     "group": GroupNorm,
+    # iLCT Table 2d ablation: LN, NsLN (Eq. 12), IN, RMS.
+    "layer": LayerNorm,
+    "nsln": NonScalingLayerNorm,
+    "instance": InstanceNorm,
+    "rms": RMSNorm,
 }
 
 

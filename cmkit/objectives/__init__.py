@@ -20,10 +20,16 @@ ICT_PRESET = dict(  # iCT Table 1 (right column)
     curriculum="exp", s0=10, s1=1280, noise_schedule="lognormal", p_mean=-1.1, p_std=2.0,
     weighting="reciprocal", distance="pseudo_huber", c=0.0, teacher_ema=False,
 )
+ILCT_PRESET = dict(  # iLCT (002_915a3e3a8597e2f0.txt): iCT + Cauchy (Eq. 6), diffusion loss r=0.25 (Eq. 9),
+    # minibatch OT (Sec. 4.4), exp curriculum s1=640 with adaptive c (Eq. 11). NsLN is net.norm=nsln in the config.
+    ICT_PRESET, s1=640, distance="cauchy", c_schedule="adaptive", diffusion_weight=1.0, diffusion_r=0.25,
+    coupling="ot",
+)
 
 METHODS: dict[str, MethodSpec] = {
     "ct": MethodSpec(ConsistencyTraining, ConsistencyConfig, CT_PRESET),
     "ict": MethodSpec(ConsistencyTraining, ConsistencyConfig, ICT_PRESET),
+    "ilct": MethodSpec(ConsistencyTraining, ConsistencyConfig, ILCT_PRESET),
     # ACT on CT with an EMA teacher (ACT Table 6: s0=2, s1=150, μ0=0.9) or on iCT.
     "act": MethodSpec(AdversarialConsistencyTraining, ACTConfig, CT_PRESET),
     "act_ict": MethodSpec(AdversarialConsistencyTraining, ACTConfig, ICT_PRESET),

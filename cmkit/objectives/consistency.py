@@ -2,6 +2,7 @@
 
 Both are one objective, L = E[λ(σ_i)·d(f_θ(x + σ_{i+1} z, σ_{i+1}), f_θ⁻(x + σ_i z, σ_i))]
 (iCT Eq. 5); every row of iCT Table 1 is a separate option, so any mix can be configured.
+iLCT's additions (robust distances, early diffusion loss, OT coupling, adaptive c) are options too.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cmkit.losses import DISTANCES
+from cmkit.coupling import COUPLINGS, ot_pair
+from cmkit.losses import DISTANCES, l2
 from cmkit.model import Parameterized
 from cmkit.nets import build_network
 from cmkit.objectives.base import Objective, Phase, SharedDropout
@@ -22,9 +24,23 @@ from cmkit.schedules import (
     INDEX_DISTRIBUTIONS,
     WEIGHTINGS,
     Progress,
+    adaptive_c,
     ct_teacher_ema,
     pseudo_huber_c,
 )
+
+C_SCHEDULES = ("fixed", "adaptive")  # fixed: method.c (or iCT's 0.00054·sqrt(d)); adaptive: iLCT Eq. 11
+
+
+def diffusion_mask(sigma_i: torch.Tensor, sigmas: torch.Tensor, r: float) -> torch.Tensor:
+    """1.0 where iLCT Eq. 9's diffusion loss applies, else 0.0: σ_i = t_i with 1-based i ≤ int(N·r).
+
+    ``sigmas`` is the increasing N-point grid t_1..t_N; since it increases, i ≤ m ⇔ σ_i ≤ t_m.
+    """
+    m = int(sigmas.numel() * r)
+    if m < 1:
+        return torch.zeros(sigma_i.shape, dtype=torch.float32, device=sigma_i.device)
+    return (sigma_i <= sigmas[m - 1].to(sigma_i.dtype)).to(torch.float32)
 
 
 def _choice(name: str, value: str, valid) -> None:
@@ -53,12 +69,21 @@ class ConsistencyConfig:
     teacher_ema: bool = False  # CT: θ⁻ ← μ(k)θ⁻ + (1-μ(k))θ; iCT: μ = 0, the teacher is the student
     mu0: float = 0.9  # CT's μ0 in μ(k) = exp(s0 log μ0 / N(k))
     shared_dropout: bool = True  # same dropout masks in student and teacher (iCT Sec. 3.1)
+    # iLCT (002_915a3e3a8597e2f0.txt): each technique is a separate switch (Table 2a ladder).
+    c_schedule: str = "fixed"  # fixed | adaptive: c = exp(-1.18·log(N(k)-1) - 0.72) (iLCT Eq. 11)
+    diffusion_weight: float = 0.0  # weight of the diffusion loss (iLCT Eq. 9); 0 = off
+    diffusion_r: float = 0.25  # diffusion loss on pairs with i ≤ int(N·r) (iLCT Eq. 9, Table 2b)
+    coupling: str = "none"  # none | ot (exact, scipy) | ot_pot (POT's ot.emd): minibatch OT (iLCT Sec. 4.4)
 
     def validate(self) -> None:
         _choice("curriculum", self.curriculum, CURRICULA)
         _choice("noise_schedule", self.noise_schedule, INDEX_DISTRIBUTIONS)
         _choice("weighting", self.weighting, WEIGHTINGS)
         _choice("distance", self.distance, DISTANCES)
+        _choice("c_schedule", self.c_schedule, C_SCHEDULES)
+        _choice("coupling", self.coupling, COUPLINGS)
+        if self.diffusion_weight < 0 or not 0 <= self.diffusion_r <= 1:
+            raise ValueError("method.diffusion_weight must be >= 0 and method.diffusion_r in [0, 1]")
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError("method.sigma_min and method.sigma_max need 0 < sigma_min < sigma_max")
         if not 1 <= self.s0 <= self.s1:
@@ -108,10 +133,16 @@ class ConsistencyTraining(Objective):
         i = torch.multinomial(probs, x0.shape[0], replacement=True)
         return sigmas[i], sigmas[i + 1], n
 
+    def robust_c(self, n: int) -> float:
+        """The distance's constant c at N discretisation points: fixed, or iLCT's adaptive c (Eq. 11)."""
+        return adaptive_c(n) if self.cfg.c_schedule == "adaptive" else self.c
+
     def loss(self, batch, progress: Progress) -> dict:
         x0, labels = batch["x"], batch.get("labels")
         sigma_i, sigma_next, n = self.sample_pairs(x0, progress)
         z = torch.randn_like(x0)
+        if self.cfg.coupling != "none":
+            z = ot_pair(x0, z, self.cfg.coupling)  # iLCT Sec. 4.4: re-pair noise and data in this rank's batch
         t_next, t_i = sigma_next.to(x0.dtype), sigma_i.to(x0.dtype)
         dropout = SharedDropout(x0.device, self.cfg.shared_dropout)
         with dropout.record():
@@ -119,10 +150,21 @@ class ConsistencyTraining(Objective):
         teacher = self.teacher if self.teacher is not None else self.model
         with torch.no_grad(), dropout.replay():
             target = teacher(self.process.add_noise(x0, z, t_i), t_i, labels)
-        # iCT Eq. 5 with λ(σ_i) (Table 1) and d of Eq. 8 or ℓ2.
+        # iCT Eq. 5 with λ(σ_i) (Table 1) and d: ℓ2, Pseudo-Huber (iCT Eq. 8), Cauchy or Geman-McClure (iLCT Eq. 6, 8).
         weight = self.weighting(sigma_i, sigma_next).to(torch.float32)
-        loss = weight * self.distance(student, target, self.c)
-        return {"loss": loss, "N": float(n)}
+        c = self.robust_c(n)
+        loss = weight * self.distance(student, target, c)
+        logs = {"N": float(n)}
+        if self.cfg.c_schedule == "adaptive":
+            logs["c"] = c
+        if self.cfg.diffusion_weight > 0:
+            # iLCT Eq. 9: ‖f_θ(x_t, t) - x0‖² on the small noise levels i ≤ int(N·r), applied to the
+            # student's output (the one with a gradient; the teacher's is stop-grad).
+            mask = diffusion_mask(sigma_i, self.grid(n, x0.device)[0], self.cfg.diffusion_r)
+            diff = mask * l2(student, x0)
+            loss = loss + self.cfg.diffusion_weight * diff
+            logs["diffusion_loss"] = diff.detach().sum() / mask.sum().clamp_min(1)
+        return {"loss": loss, **logs}
 
     @torch.no_grad()
     def after_phase(self, phase: str, progress: Progress) -> None:
