@@ -1,6 +1,7 @@
 """Datasets held in memory as tensors, and a stateless batch-index stream (exact resume).
 
-Images are scaled to [-1, 1]; vectors are standardised. Nothing is downloaded.
+Images are scaled to [-1, 1]; vectors are standardised per dimension (except the ``gaussian``
+toy set, which keeps raw units for closed-form tests). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ class DataError(ValueError):
 @dataclass
 class Dataset:
     name: str
-    x: torch.Tensor  # float32 (n, C, H, W) in [-1, 1], or (n, D) standardised
-    labels: torch.Tensor | None
+    x: torch.Tensor  # float32: (n, C, H, W) in [-1, 1], or (n, D) standardised
+    labels: torch.Tensor | None  # int64 (n,) or None
     kind: str  # "image" | "vector"
-    num_classes: int = 0
-    mean: torch.Tensor | None = field(default=None, repr=False)  # vectors: the standardisation
+    num_classes: int = 0  # 0 if unlabelled
+    mean: torch.Tensor | None = field(default=None, repr=False)  # vectors: x_data = x * std + mean
     std: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -34,7 +35,7 @@ class Dataset:
         return self.x.shape[0]
 
     def to_data_space(self, x: torch.Tensor) -> torch.Tensor:
-        """Undo the normalisation: images to [0, 1] (clamped), vectors to their original units."""
+        """Undo the normalisation, as float32 on the CPU: images to [0, 1] (clamped), vectors to original units."""
         x = x.detach().float().cpu()
         if self.kind == "image":
             return ((x + 1) / 2).clamp(0, 1)
@@ -43,63 +44,100 @@ class Dataset:
         return x
 
     def fingerprint(self) -> str:
-        """sha256 of the normalised data (and labels): keys caches of derived statistics."""
-        h = hashlib.sha256(self.x.contiguous().numpy().tobytes())
+        """sha256 hex of the normalised data, its shape and the labels: keys caches of derived statistics."""
+        h = hashlib.sha256(str(tuple(self.x.shape)).encode())
+        h.update(self.x.detach().cpu().contiguous().numpy().tobytes())
         if self.labels is not None:
-            h.update(self.labels.numpy().tobytes())
-        h.update(str(tuple(self.x.shape)).encode())
+            h.update(self.labels.cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
+    def subset(self, idx: torch.Tensor) -> Dataset:
+        """The rows idx, keeping the normalisation (and so to_data_space) of the full set."""
+        labels = self.labels[idx] if self.labels is not None else None
+        return Dataset(self.name, self.x[idx].contiguous(), labels, self.kind, self.num_classes, self.mean, self.std)
 
-def standardise(name: str, x: torch.Tensor, labels, num_classes: int = 0) -> Dataset:
-    """Vector dataset with zero mean and unit standard deviation per dimension."""
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
-    return Dataset(name, ((x - mean) / std).float().contiguous(), labels, "vector", num_classes, mean, std)
+
+def standardise(name: str, x: torch.Tensor, labels: torch.Tensor | None = None, num_classes: int = 0) -> Dataset:
+    """Vector dataset with zero mean and unit (population) standard deviation per dimension."""
+    x = x.double()
+    mean, std = x.mean(0), x.std(0, correction=0)
+    # A constant dimension has std 0 (or rounding noise): leave it unscaled rather than divide by ~0.
+    std = torch.where(std > 1e-12 * (1 + mean.abs()), std, torch.ones_like(std))
+    z = ((x - mean) / std).float().contiguous()
+    return Dataset(name, z, labels, "vector", num_classes, mean.float(), std.float())
+
+
+def pad_images(x: torch.Tensor, pad_to: int) -> torch.Tensor:
+    """Pad (n, C, H, W) images with -1 (black) on all sides, centred, to pad_to × pad_to."""
+    h, w = x.shape[-2:]
+    if pad_to < max(h, w):
+        raise DataError(f"data.pad_to={pad_to} is smaller than the images ({h}x{w}); use 0 or >= {max(h, w)}")
+    ph, pw = pad_to - h, pad_to - w
+    return torch.nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=-1.0).contiguous()
 
 
 SPLITS = ("train", "test", "all")
 
 
-def split(ds: Dataset, which: str, seed: int) -> Dataset:
-    """Deterministic split: the last 10% of a seeded permutation is the test split."""
+def split_indices(n: int, which: str, seed: int) -> torch.Tensor:
+    """Sorted indices of a split: the last 10% (at least one) of a seeded permutation is "test"."""
     if which not in SPLITS:
         raise DataError(f"data.split='{which}' is not valid. Choose one of: {', '.join(SPLITS)}")
     if which == "all":
-        return ds
-    n = len(ds)
+        return torch.arange(n)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_test = max(1, n // 10)
     idx = perm[n - n_test:] if which == "test" else perm[: n - n_test]
-    idx, _ = torch.sort(idx)
-    labels = ds.labels[idx] if ds.labels is not None else None
-    return Dataset(ds.name, ds.x[idx].contiguous(), labels, ds.kind, ds.num_classes, ds.mean, ds.std)
+    return torch.sort(idx).values  # keep the file order within a split
 
 
-def _registry() -> dict[str, Callable]:
-    from cmkit.data import arrays, bundled, toy
+# The loaders import Dataset, DataError and standardise from this module, so they come after them.
+from cmkit.data import arrays, bundled, toy  # noqa: E402
 
-    return {**toy.TOY_SETS, "digits": bundled.digits, "mnist": bundled.mnist,
-            "folder": arrays.folder, "array": arrays.array}
-
-
-DATASET_NAMES = ("eight_gaussians", "two_moons", "swiss_roll", "checkerboard", "gaussian",
-                 "digits", "mnist", "folder", "array")
+DATASETS: dict[str, Callable] = {
+    "eight_gaussians": toy.eight_gaussians,
+    "two_moons": toy.two_moons,
+    "swiss_roll": toy.swiss_roll,
+    "checkerboard": toy.checkerboard,
+    "gaussian": toy.gaussian,
+    "digits": bundled.digits,
+    "mnist": bundled.mnist,
+    "folder": arrays.folder,
+    "array": arrays.array,
+}
 
 
 def load_dataset(cfg) -> Dataset:
-    """Load the dataset named by cfg.name (a DataConfig), split and with labels as configured."""
-    registry = _registry()
-    if cfg.name not in registry:
-        raise DataError(f"unknown data.name '{cfg.name}'. Valid datasets: {', '.join(sorted(registry))}")
-    ds = registry[cfg.name](cfg)
+    """Load DATASETS[cfg.name] from a DataConfig: padded, labelled and split as configured."""
+    if getattr(cfg, "vae", ""):  # latent space (iLCT): encode the pixel dataset once, cached
+        from dataclasses import replace
+
+        from cmkit.latent import encode_dataset
+
+        return encode_dataset(load_dataset(replace(cfg, vae="")), cfg.vae, cfg.cache_dir)
+    if cfg.name not in DATASETS:
+        raise DataError(f"unknown data.name '{cfg.name}'. Valid datasets: {', '.join(DATASETS)}")
+    if cfg.split not in SPLITS:  # checked before a slow load
+        raise DataError(f"data.split='{cfg.split}' is not valid. Choose one of: {', '.join(SPLITS)}")
+    ds = DATASETS[cfg.name](cfg)
     if len(ds) == 0:
         raise DataError(f"dataset '{cfg.name}' is empty")
     if not torch.isfinite(ds.x).all():
         bad = int((~torch.isfinite(ds.x)).sum())
-        raise DataError(f"dataset '{cfg.name}' holds {bad} NaN/inf values; clean the data first")
+        raise DataError(f"dataset '{cfg.name}' has {bad} non-finite values after normalisation; "
+                        f"its values are too large to standardise, rescale them first")
+    if cfg.pad_to:
+        if ds.kind != "image":
+            raise DataError(f"data.pad_to={cfg.pad_to} applies to images, but '{cfg.name}' holds vectors; set data.pad_to=0")
+        ds.x = pad_images(ds.x, cfg.pad_to)
     if not cfg.labels:
-        ds = Dataset(ds.name, ds.x, None, ds.kind, 0, ds.mean, ds.std)
-    return split(ds, cfg.split, cfg.seed)
+        ds.labels, ds.num_classes = None, 0
+    if cfg.split == "all":
+        return ds
+    part = ds.subset(split_indices(len(ds), cfg.split, cfg.seed))
+    if len(part) == 0:
+        raise DataError(f"data.split={cfg.split} of the {len(ds)} samples of '{cfg.name}' is empty; use data.split=all")
+    return part
 
 
 def batches(n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0,
@@ -107,28 +145,28 @@ def batches(n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0,
     """Infinite stream of index batches: global position p maps to perm_e[p % n], e = p // n.
 
     Stateless given ``start`` (images drawn so far), so a resumed run continues the exact order;
-    rank r takes the r-th contiguous slice of each global batch.
+    rank r takes the r-th contiguous slice of each global batch of batch_size positions.
     """
-    if batch_size % world_size:
-        raise DataError(f"batch size {batch_size} is not divisible by {world_size} ranks")
     if n <= 0:
         raise DataError("cannot draw batches from an empty dataset")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not in [0, {world_size}); check the distributed launch")
+    if batch_size <= 0 or batch_size % world_size:
+        raise DataError(f"train.batch_size={batch_size} must be a positive multiple of the {world_size} ranks")
+    if start < 0:
+        raise DataError(f"start position {start} must be >= 0")
     local = batch_size // world_size
-    cache: dict[int, torch.Tensor] = {}
-
-    def perm(epoch: int) -> torch.Tensor:
-        if epoch not in cache:
-            cache.clear()
-            cache[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        return cache[epoch]
-
+    cached_epoch, cached_perm = -1, torch.empty(0, dtype=torch.long)  # only the current epoch is kept
     pos = start
     while True:
         p = torch.arange(pos + rank * local, pos + (rank + 1) * local)
         epochs = p // n
         idx = torch.empty_like(p)
-        for e in torch.unique(epochs).tolist():
+        for e in range(int(epochs[0]), int(epochs[-1]) + 1):  # positions are increasing
+            if e != cached_epoch:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + e)
+                cached_epoch, cached_perm = e, torch.randperm(n, generator=g)
             m = epochs == e
-            idx[m] = perm(e)[p[m] % n]
+            idx[m] = cached_perm[p[m] % n]
         yield idx
         pos += batch_size
