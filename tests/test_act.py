@@ -258,9 +258,9 @@ def test_resume_restores_the_discriminator_side_exactly(tmp_path):
 def test_act_learns_eight_gaussians(tmp_path):
     from cmkit.run import load
 
-    args = [*MLP[:1], "net.hidden=64", "net.depth=2", "train.steps=600", "train.batch_size=128", "train.lr=3e-3",
+    args = [*MLP[:1], "net.hidden=64", "net.depth=2", "train.steps=1000", "train.batch_size=128", "train.lr=3e-3",
             "run.progress=false", "run.tensorboard=false", "run.sample_steps=[1]", "train.ema=[0.95]",
-            "method.gp_interval=4", "run.log_every=50", "train.threads=0"]
+            "method.gp_interval=4", "run.log_every=50", "train.threads=1"]
     data = load_dataset(load_config("configs/act_toy.yaml", args).data).x[:2000]
     train(load_config("configs/act_toy.yaml", [*args, "train.steps=0", f"run.dir={tmp_path / 'u'}"]))
     swd0 = sliced_wasserstein(load(tmp_path / "u").sample(2000, 1, data_space=False), data)
