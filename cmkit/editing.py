@@ -35,9 +35,9 @@ from cmkit.data import DataError
 TASKS = ("inpaint", "colorize", "superres", "denoise", "interpolate")
 
 # Default number of noise levels per task (the levels are model.process.sampling_times(K), from
-# t_max down). Editing needs several projections for the known part to steer the unknown one; one
-# step suffices for denoising, which starts at the input's noise level. Measured on a short MNIST
-# run: docs/results.md, "Zero-shot editing".
+# t_max down). Several projections let the known part steer the unknown one; denoising takes one
+# step from the input's own level. Not tuned: on the short MNIST run of docs/results.md ("Zero-shot
+# editing") the error against the clean images did not fall with more steps.
 DEFAULT_STEPS = {"inpaint": 10, "colorize": 10, "superres": 10, "denoise": 1, "interpolate": 1}
 
 # Greyscale operators for colourisation: plain channel mean, or ITU-R BT.601 luma weights.

@@ -69,8 +69,13 @@ def edit_all(run, ex: dict, steps: dict | None = None, seed: int = 0) -> dict:
 
 def sweep(run, ex: dict, step_counts=(1, 2, 4, 10, 20)) -> None:
     """Mean squared error against the clean images (on the generated part) for each step count."""
+    from cmkit.editing import AvgPool
+
     x, hole = ex["clean"], ex["masks"]["center"]
     print("task      steps  mse")
+    print(f"inpaint   (hole filled with the mean pixel value)  {((x.mean() - x) ** 2)[..., hole].mean():.4f}")
+    if "low_x4" in ex:
+        print(f"superres  (nearest upsampling)  {((AvgPool(4).pinv(ex['low_x4']) - x) ** 2).mean():.4f}")
     for k in step_counts:
         res = edit_all(run, ex, {"inpaint": k, "superres": k, "colorize": k})
         print(f"inpaint   {k:5d}  {((res['inpaint'][0] - x) ** 2)[..., hole].mean():.4f}")
