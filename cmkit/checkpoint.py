@@ -128,6 +128,28 @@ def save_checkpoint(directory: Path, nimg: int, state: dict, meta: dict, keep: i
     return path
 
 
+def keep_milestone(path: Path) -> Path:
+    """Keep a saved checkpoint forever in ``milestones/`` beside it (a hard link, else an atomic copy)."""
+    path = Path(path)
+    target = path.parent / "milestones" / path.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        try:
+            os.link(path, target)  # atomic, no extra disk space
+        except OSError:
+            atomic_write_bytes(target, path.read_bytes())
+    return target
+
+
+def remove_temporaries(directory: Path) -> list[Path]:
+    """Delete the ``.ckpt-*.tmp`` files a process killed during a save leaves behind; return them."""
+    directory = Path(directory)
+    stale = sorted(directory.glob(".ckpt-*.tmp")) if directory.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
     """Load (state, meta) from one checkpoint file; raise CheckpointError if it is not one."""
     path = Path(path)

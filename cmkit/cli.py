@@ -15,8 +15,9 @@ def _user_errors() -> tuple[type, ...]:
     from cmkit.checkpoint import CheckpointError
     from cmkit.config import ConfigError
     from cmkit.data import DataError
+    from cmkit.train import DivergenceError
 
-    return (ConfigError, DataError, CheckpointError)
+    return (ConfigError, DataError, CheckpointError, DivergenceError)
 
 
 # ----------------------------------------------------------------------------
@@ -134,8 +135,115 @@ def add_edit(sub) -> None:
     p.set_defaults(func=cmd_edit)
 
 
+def _data_config(config: str | None, overrides: list[str]):
+    """The data section of a YAML config with data.key=value overrides (other sections are ignored)."""
+    from cmkit.config import ConfigError, load_config
+
+    if config is not None and "=" in config and not Path(config).is_file():  # no config file, only overrides
+        config, overrides = None, [config, *overrides]
+    bad = [o for o in overrides if not o.strip().startswith("data.")]
+    if bad:
+        raise ConfigError(f"only data.key=value overrides apply here, got {', '.join(bad)}")
+    return load_config(config, overrides)
+
+
+def cmd_train_ae(args) -> int:
+    import dataclasses
+    import json
+
+    from cmkit.config import ConfigError
+    from cmkit.data import load_dataset
+    from cmkit.latent.autoencoder import AEConfig, save_autoencoder, train_autoencoder
+
+    data = dataclasses.replace(_data_config(args.config, args.overrides).data, vae="")
+    ds = load_dataset(data)
+    if ds.kind != "image":
+        raise ConfigError(f"cmkit train-ae needs image data, but data.name={data.name} holds vectors")
+    cfg = AEConfig(in_channels=ds.shape[0], latent_channels=args.latent_channels, channels=args.channels,
+                   levels=args.levels, kl_weight=args.kl_weight)
+    try:
+        model, summary = train_autoencoder(ds.x, cfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                           seed=args.seed, device=args.device, log_every=args.log_every)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    summary["data"] = dataclasses.asdict(data)
+    summary["latent_shape"] = [cfg.latent_channels, ds.shape[1] // 2**cfg.levels, ds.shape[2] // 2**cfg.levels]
+    out = save_autoencoder(model, args.out, summary)
+    print(json.dumps({k: summary[k] for k in ("reconstruction_mse", "latent_shape", "train_seconds")}))
+    print(f"cmkit: autoencoder written to {out}; train on its latents with data.vae={out}")
+    return 0
+
+
+def add_train_ae(sub) -> None:
+    p = sub.add_parser("train-ae", help="train cmkit's small KL autoencoder on image data (for latent training)")
+    p.add_argument("config", nargs="?", help="YAML config whose data section is used (optional)")
+    p.add_argument("overrides", nargs="*", help="data.key=value, e.g. data.name=mnist data.pad_to=32")
+    p.add_argument("--out", required=True, help="directory for cmkit_ae.json and weights.safetensors")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--latent-channels", type=int, default=4)
+    p.add_argument("--channels", type=int, default=32, help="width of the first level")
+    p.add_argument("--levels", type=int, default=2, help="downsamplings (latent side = side / 2**levels)")
+    p.add_argument("--kl-weight", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--log-every", type=int, default=500)
+    p.set_defaults(func=cmd_train_ae)
+
+
+def cmd_inspect_data(args) -> int:
+    import dataclasses
+    import json
+
+    import torch
+
+    from cmkit.data import load_dataset
+    from cmkit.latent.stats import format_stats, outlier_stats, td_values
+
+    report: dict = {}
+    if args.run is None or args.config is not None or args.overrides:
+        data = _data_config(args.config, args.overrides).data
+        pixels = load_dataset(dataclasses.replace(data, vae=""))
+        report["pixel"] = outlier_stats(pixels.x)
+        if data.vae:
+            report["latent"] = outlier_stats(load_dataset(data).x)
+    if args.run is not None:
+        from cmkit.run import load
+
+        run = load(args.run, device=args.device)
+        m = run.cfg.method
+        x0 = run.dataset.x[torch.randperm(len(run.dataset), generator=torch.Generator().manual_seed(args.seed))[:args.n]]
+        td = td_values(run.model(ema=not args.no_ema), x0, num_scales=args.td_steps, sigma_min=m.sigma_min,
+                       sigma_max=m.sigma_max, rho=getattr(m, "rho", 7.0),
+                       schedule=getattr(m, "noise_schedule", "lognormal"), p_mean=getattr(m, "p_mean", -1.1),
+                       p_std=getattr(m, "p_std", 2.0), seed=args.seed)
+        report[f"td_N{args.td_steps}"] = outlier_stats(td)
+    for name, s in report.items():
+        print(format_stats(name, s))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"cmkit: statistics written to {args.json}")
+    return 0
+
+
+def add_inspect_data(sub) -> None:
+    p = sub.add_parser("inspect-data", help="outlier statistics (iLCT Fig. 1) of pixel/latent data and TD values")
+    p.add_argument("config", nargs="?", help="YAML config whose data section is inspected (with data.vae: also latents)")
+    p.add_argument("overrides", nargs="*", help="data.key=value")
+    p.add_argument("--run", default=None, help="run directory: also the TD values of its model on its training data")
+    p.add_argument("--td-steps", type=int, default=21, help="N of the grid for TD values (iLCT Fig. 1: 21)")
+    p.add_argument("--n", type=int, default=2000, help="data points for TD values")
+    p.add_argument("--no-ema", action="store_true", help="TD of the raw student instead of the EMA model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, help="also write the statistics to this JSON file")
+    p.set_defaults(func=cmd_inspect_data)
+
+
 # Explicit list of subcommand builders (STYLE 10).
-COMMANDS = [add_train, add_sample, add_edit]
+COMMANDS = [add_train, add_sample, add_edit, add_train_ae, add_inspect_data]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
+    for p in sub.choices.values():  # `cmkit train ... --debug` works as well as `cmkit --debug train ...`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
@@ -161,3 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cmkit: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, permissions, missing files outside the checks above
+        if args.debug:
+            raise
+        print(f"cmkit: error: {e}. Rerun with --debug for the traceback.", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: one paragraph by default, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"cmkit: internal error: {type(e).__name__}: {e}. Rerun with --debug for the traceback and "
+              f"please report it.", file=sys.stderr)
+        return 1

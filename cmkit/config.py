@@ -73,6 +73,19 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads; 0 = leave PyTorch's default
+    accumulate: int = 1  # micro-batches per rank per step (gradient accumulation); batch_size stays global
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling, CUDA only)
+    compile: bool = False  # torch.compile the backbone (no gain measured on CPU; sCM's JVP is not compilable)
+    max_bad_steps: int = 10  # stop after this many consecutive steps skipped for non-finite loss/grad; 0 = never
+    spike_factor: float = 0.0  # stop if the loss exceeds this × |running median| of recent losses; 0 = off
+
+    def validate(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.accumulate < 1:
+            raise ValueError("train.steps must be >= 0, train.batch_size and train.accumulate >= 1")
+        if not self.lr > 0 or self.grad_clip < 0 or self.warmup_nimg < 0 or self.weight_decay < 0:
+            raise ValueError("train.lr must be > 0; train.grad_clip, train.warmup_nimg, train.weight_decay >= 0")
+        if self.max_bad_steps < 0 or self.spike_factor < 0:
+            raise ValueError("train.max_bad_steps and train.spike_factor must be >= 0")
 
 
 @dataclass
@@ -82,6 +95,7 @@ class RunConfig:
     sample_every: int = 0  # steps between sample grids; 0 = only at the end
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 3  # the last K checkpoints are kept
+    milestone_every: int = 0  # steps between milestone checkpoints, kept forever in checkpoints/milestones/
     sample_steps: list[int] = field(default_factory=lambda: [1, 2])  # grids at these step counts
     sample_n: int = 64
     tensorboard: bool = True

@@ -6,15 +6,20 @@ followed by backward and that phase's optimiser step. Progress is counted in ima
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import signal
+import statistics
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cmkit import distributed
-from cmkit.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
+from cmkit.checkpoint import CheckpointError, keep_milestone, latest_checkpoint, remove_temporaries, save_checkpoint
 from cmkit.config import Config, ConfigError
 from cmkit.data import load_dataset, batches
 from cmkit.ema import EMA
@@ -26,7 +31,9 @@ from cmkit.schedules import Progress, lr_warmup
 
 # Keys that may differ between a run directory's config and a resumed run's config.
 RESUMABLE_SECTIONS = ("run", "eval")
-RESUMABLE_KEYS = {("train", "steps"), ("train", "device"), ("train", "threads"), ("data", "cache_dir")}
+RESUMABLE_KEYS = {("train", "steps"), ("train", "device"), ("train", "threads"), ("data", "cache_dir"),
+                  ("train", "precision"), ("train", "compile"), ("train", "accumulate"), ("train", "grad_clip"),
+                  ("train", "max_bad_steps"), ("train", "spike_factor")}
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -58,24 +65,61 @@ def config_differences(a: dict, b: dict) -> list[str]:
     return diffs
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SPIKE_WINDOW, SPIKE_MIN = 100, 20  # running median over the last 100 good losses, judged after 20
+STABILISERS = (
+    "a lower train.lr (e.g. half), train.grad_clip=1.0, train.precision=fp32, and for sCM "
+    "method.tangent_norm=normalize (tangent normalisation) with a longer method.tangent_warmup"
+)
+
+
+class DivergenceError(RuntimeError):
+    """Training diverged (non-finite or spiking loss); the message names the step, checkpoint and remedies."""
+
+
+def micro_seed(seed: int, draw: int, micro: int) -> int:
+    """RNG seed of one micro-batch from (train.seed, global batch index, micro-batch index).
+
+    Seeding from progress (EDM2-style, STYLE 8) makes noise, dropout and sampled times a function
+    of the global position only: K ranks and one process accumulating K micro-batches draw the
+    same numbers, and a resume with any number of ranks continues the same random stream.
+    """
+    return int(np.random.SeedSequence([seed, draw, micro]).generate_state(1, np.uint64)[0] >> 1)
+
+
 class Trainer:
     """Everything stateful in a run, with one state_dict for checkpoints (STYLE 8)."""
 
     def __init__(self, cfg: Config, info: distributed.DistInfo, device: torch.device):
         self.cfg, self.info, self.device = cfg, info, device
+        tc = cfg.train
+        if tc.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision='{tc.precision}' is not valid. Choose one of: {', '.join(PRECISIONS)}")
+        if tc.precision == "fp16" and device.type != "cuda":
+            raise ConfigError("train.precision=fp16 (loss scaling) needs a CUDA device; on CPU use bf16 or fp32")
+        if tc.accumulate < 1 or tc.batch_size % (info.world_size * tc.accumulate):
+            raise ConfigError(
+                f"train.batch_size={tc.batch_size} must be divisible by the {info.world_size} rank(s) times "
+                f"train.accumulate={tc.accumulate} (the number of micro-batches per rank)")
+        if not 0 <= tc.ema_sample < len(tc.ema):
+            raise ConfigError(f"train.ema_sample={tc.ema_sample} must index train.ema (0..{len(tc.ema) - 1})")
         self.dataset = load_dataset(cfg.data)
         if cfg.net.class_cond and self.dataset.num_classes == 0:
             raise ConfigError("net.class_cond=true needs labelled data: set data.labels=true (digits, mnist, array with y)")
         num_classes = self.dataset.num_classes if cfg.net.class_cond else 0
         self.objective = build_objective(cfg, self.dataset.shape, num_classes).to(device)
-        self.ema = EMA(self.objective.model, cfg.train.ema)
+        if tc.compile:  # in place: state_dict keys stay the same (MACHINE-NOTES: no CPU gain, JVP not compilable)
+            self.objective.model.net.compile()
+        distributed.broadcast_module(self.objective, info)  # one starting point for every rank
+        self.ema = EMA(self.objective.model, tc.ema)
         self.phases = self.objective.phases
-        self.optimizers = {p.name: make_optimizer(p.module.parameters(), cfg.train) for p in self.phases}
+        self.optimizers = {p.name: make_optimizer(p.module.parameters(), tc) for p in self.phases}
+        self.runners = {p.name: distributed.wrap_phase(p.module, p.loss, info, device) for p in self.phases}
+        self.scalers = {p.name: torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16") for p in self.phases}
         self.nimg = self.step = self.data_pos = 0
-        if cfg.train.batch_size % info.world_size:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {info.world_size} ranks")
-        if not 0 <= cfg.train.ema_sample < len(cfg.train.ema):
-            raise ConfigError(f"train.ema_sample={cfg.train.ema_sample} must index train.ema (0..{len(cfg.train.ema) - 1})")
+        self.skipped = self.bad_streak = 0  # divergence guard: total skipped steps, current streak
+        self.loss_window: list[float] = []
+        self.last_checkpoint: Path | None = None
 
     # -- checkpoint state ----------------------------------------------------
     def state_dict(self) -> dict:
@@ -86,8 +130,10 @@ class Trainer:
             "objective": self.objective.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "scalers": {k: s.state_dict() for k, s in self.scalers.items() if s.is_enabled()},
             "rng": rng,
-            "progress": {"nimg": self.nimg, "step": self.step, "data_pos": self.data_pos},
+            "progress": {"nimg": self.nimg, "step": self.step, "data_pos": self.data_pos, "skipped": self.skipped,
+                         "bad_streak": self.bad_streak, "loss_window": list(self.loss_window)},
             "extra": self.objective.extra_state(),
             "world_size": self.info.world_size,
         }
@@ -98,61 +144,160 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
             for k, o in self.optimizers.items():
                 o.load_state_dict(state["optimizers"][k])
+            for k, s in state.get("scalers", {}).items():
+                if self.scalers[k].is_enabled():
+                    self.scalers[k].load_state_dict(s)
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"the checkpoint does not fit this config's networks or method: {e}") from None
         self.objective.load_extra_state(state.get("extra", {}))
         p = state["progress"]
         self.nimg, self.step, self.data_pos = int(p["nimg"]), int(p["step"]), int(p["data_pos"])
+        self.skipped, self.bad_streak = int(p.get("skipped", 0)), int(p.get("bad_streak", 0))
+        self.loss_window = [float(v) for v in p.get("loss_window", [])]
         if state.get("world_size", 1) == self.info.world_size:
             torch.set_rng_state(state["rng"]["cpu"])
             if "cuda" in state["rng"] and self.device.type == "cuda":
                 torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        else:  # a different number of ranks: reseed from (seed, rank, nimg)
-            torch.manual_seed(hash((self.cfg.train.seed, self.info.rank, self.nimg)) % 2**63)
 
-    def save(self, run_dir: Path) -> Path | None:
+    def save(self, run_dir: Path, *, final: bool = False) -> Path | None:
+        """Checkpoint on rank 0. A failed write (disk full) keeps the previous checkpoint: a periodic
+        save warns and training goes on; the final save raises CheckpointError."""
         if not self.info.is_main:
             return None
         meta = {"config": self.cfg.to_dict(), "nimg": self.nimg, "step": self.step, "version": _version()}
-        return save_checkpoint(run_dir / "checkpoints", self.nimg, self.state_dict(), meta, self.cfg.run.keep_checkpoints)
+        try:
+            path = save_checkpoint(run_dir / "checkpoints", self.nimg, self.state_dict(), meta,
+                                   self.cfg.run.keep_checkpoints)
+            every = self.cfg.run.milestone_every
+            if every and self.step % every == 0:
+                keep_milestone(path)
+        except OSError as e:
+            previous = self.last_checkpoint or "none (no checkpoint was written yet)"
+            msg = (f"could not write the checkpoint of step {self.step} to {run_dir / 'checkpoints'} "
+                   f"({e.strerror or e}); the previous checkpoint {previous} is intact")
+            if final:
+                raise CheckpointError(msg + ". Free disk space and re-run the same command to resume from it.") from None
+            print(f"cmkit: warning: {msg}; training continues and the next checkpoint retries.", file=sys.stderr)
+            return None
+        self.last_checkpoint = path
+        return path
 
     # -- one step ------------------------------------------------------------
-    def next_batch(self, stream) -> dict:
-        idx = next(stream)
-        self.data_pos += self.cfg.train.batch_size
-        batch = {"x": self.dataset.x[idx].to(self.device, non_blocking=True)}
-        if self.dataset.labels is not None and self.cfg.net.class_cond:
-            batch["labels"] = self.dataset.labels[idx].to(self.device, non_blocking=True)
-        return batch
+    def streams(self) -> list:
+        """One index stream per micro-batch of this rank: global micro-batch m = rank·A + a of ranks·A."""
+        tc, info = self.cfg.train, self.info
+        parts = info.world_size * tc.accumulate
+        return [batches(len(self.dataset), tc.batch_size, tc.seed, start=self.data_pos,
+                        rank=info.rank * tc.accumulate + a, world_size=parts) for a in range(tc.accumulate)]
 
-    def train_step(self, stream) -> dict:
-        """Run every phase once; return detached logging values (no host sync)."""
+    def next_batches(self, streams) -> list[tuple[dict, int]]:
+        """This rank's micro-batches of the next global batch, each with its RNG seed."""
+        draw = self.data_pos // self.cfg.train.batch_size
+        out = []
+        for a, stream in enumerate(streams):
+            idx = next(stream)
+            batch = {"x": self.dataset.x[idx].to(self.device, non_blocking=True)}
+            if self.dataset.labels is not None and self.cfg.net.class_cond:
+                batch["labels"] = self.dataset.labels[idx].to(self.device, non_blocking=True)
+            out.append((batch, micro_seed(self.cfg.train.seed, draw, self.info.rank * len(streams) + a)))
+        self.data_pos += self.cfg.train.batch_size
+        return out
+
+    def autocast(self):
+        dtype = PRECISIONS[self.cfg.train.precision]
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def run_phase_once(self, phase, streams, progress) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Forward/backward over this rank's micro-batches (gradients all-reduced once, by DDP)."""
+        run, scaler = self.runners[phase.name], self.scalers[phase.name]
+        micro = self.next_batches(streams)
+        total, out = torch.zeros((), device=self.device), {}
+        for a, (batch, seed) in enumerate(micro):
+            torch.manual_seed(seed)
+            last = a == len(micro) - 1
+            sync = run.no_sync() if (not last and hasattr(run, "no_sync")) else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    out = run(batch, progress)
+                loss = out["loss"].float().mean()
+                scaler.scale(loss / len(micro)).backward()
+            total = total + loss.detach()
+        return total / len(micro), out
+
+    def train_step(self, streams) -> dict:
+        """Run every phase once; skip optimiser steps with non-finite loss or gradients (the guard)."""
         tc = self.cfg.train
         progress = Progress(self.nimg, tc.steps * tc.batch_size, tc.batch_size)
         lr = tc.lr * lr_warmup(self.nimg, tc.warmup_nimg)
         logs: dict = {"lr": lr}
+        step_ok = True
         for i, phase in enumerate(self.phases):
-            opt = self.optimizers[phase.name]
+            opt, scaler = self.optimizers[phase.name], self.scalers[phase.name]
             for group in opt.param_groups:
                 group["lr"] = lr
+            phase_ok = True
             for _ in range(phase.repeats):
-                out = phase.loss(self.next_batch(stream), progress)
-                loss = out["loss"].mean()
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                params = [p for g in opt.param_groups for p in g["params"]]
-                distributed.average_gradients(params, self.info)
+                loss, out = self.run_phase_once(phase, streams, progress)
+                params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+                if scaler.is_enabled():
+                    scaler.unscale_(opt)
                 if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-                opt.step()
-            self.objective.after_phase(phase.name, progress)
+                    norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                else:
+                    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params]))) \
+                        if params else torch.zeros((), device=self.device)
+                loss_v, norm_v = torch.stack([loss, norm.float()]).tolist()  # the guard's one host sync
+                bad = distributed.any_across_ranks(not math.isfinite(loss_v), self.info, self.device)
+                overflow = not math.isfinite(norm_v)
+                if i == 0 and not bad:
+                    self.check_spike(loss_v)
+                if bad or (overflow and not scaler.is_enabled()):
+                    phase_ok = False  # skip: no optimiser step, no after_phase, no EMA update
+                    opt.zero_grad(set_to_none=True)
+                    if scaler.is_enabled():
+                        scaler.update()
+                else:
+                    scaler.step(opt)  # fp16: GradScaler itself skips overflowing steps and lowers the scale
+                    scaler.update()
+                logs[("" if i == 0 else f"{phase.name}/") + "grad_norm"] = norm_v
+            if phase_ok:
+                self.objective.after_phase(phase.name, progress)
+            step_ok = step_ok and phase_ok
             prefix = "" if i == 0 else f"{phase.name}/"
             for k, v in out.items():
                 logs[prefix + k] = loss.detach() if k == "loss" else (v.detach() if torch.is_tensor(v) else v)
-        self.ema.update(self.objective.model)
+        if self.info.world_size > 1 and self.objective.extra_state():  # e.g. ACT's p_aug: rank 0's value everywhere
+            self.objective.load_extra_state(distributed.broadcast_json(self.objective.extra_state(), self.info, self.device))
+        if step_ok:
+            self.ema.update(self.objective.model)
+            self.bad_streak = 0
+        else:
+            self.skipped += 1
+            self.bad_streak += 1
         self.nimg += tc.batch_size
         self.step += 1
+        logs["skipped_steps"] = self.skipped
+        if tc.max_bad_steps and self.bad_streak >= tc.max_bad_steps:
+            raise self.divergence(f"{self.bad_streak} consecutive steps had a non-finite loss or gradient "
+                                  f"(each was skipped; {self.skipped} skipped in total)")
         return logs
+
+    def check_spike(self, loss: float) -> None:
+        """Stop before stepping on a loss above train.spike_factor × |running median| of recent good losses."""
+        factor = self.cfg.train.spike_factor
+        if factor > 0 and len(self.loss_window) >= SPIKE_MIN:
+            median = statistics.median(self.loss_window)
+            if median != 0 and loss > factor * abs(median):
+                raise self.divergence(f"the loss {loss:.4g} exceeds train.spike_factor={factor:g} times its "
+                                      f"running median {median:.4g} (this step was not applied)")
+        self.loss_window = (self.loss_window + [loss])[-SPIKE_WINDOW:]
+
+    def divergence(self, why: str) -> DivergenceError:
+        ckpt = self.last_checkpoint or "none (no checkpoint was written; lower run.checkpoint_every)"
+        return DivergenceError(
+            f"training diverged at step {self.step} (nimg {self.nimg}): {why}. The last good checkpoint is {ckpt}; "
+            f"training resumes from it when re-run. Stabilisers worth trying: {STABILISERS}.")
 
     # -- samples -------------------------------------------------------------
     def samples(self, steps: int, n: int, seed: int) -> torch.Tensor:
@@ -190,8 +335,11 @@ def _version() -> str:
 
 
 def prepare_run_dir(run_dir: Path, cfg: Config, force: bool) -> None:
-    """Refuse a run directory holding a different run, unless force; write config.yaml."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Refuse a run directory holding a different run, unless force; write config.yaml.
+
+    Called only once the config, data and networks are known to be valid, so a bad command
+    never touches an existing run's files.
+    """
     old = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
     if old is not None and not force:
         diffs = config_differences(old[2].get("config", {}), cfg.to_dict())
@@ -201,9 +349,13 @@ def prepare_run_dir(run_dir: Path, cfg: Config, force: bool) -> None:
                 + "; ".join(diffs)
                 + ". Choose another run.dir, resume with the same config, or pass --force to start over there."
             )
+    run_dir.mkdir(parents=True, exist_ok=True)
     if force and (run_dir / "checkpoints").is_dir():
         for p in (run_dir / "checkpoints").iterdir():
-            p.unlink()
+            if p.is_file():
+                p.unlink()
+    for p in remove_temporaries(run_dir / "checkpoints"):
+        print(f"cmkit: removed {p.name}, left by a process killed during a save", file=sys.stderr)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
 
@@ -211,27 +363,32 @@ def train(cfg: Config, *, force: bool = False, stop_after: int | None = None) ->
     """Train cfg's method; resume from the run directory's latest checkpoint if it has one.
 
     ``stop_after`` ends this job after that many steps with a checkpoint (schedules still span
-    train.steps), e.g. to fit a cluster's time limit; re-running resumes.
+    train.steps), e.g. to fit a cluster's time limit; re-running resumes. SIGINT/SIGTERM finish
+    the current step, write a checkpoint and return.
     """
     info = distributed.init(cfg.train.device)
+    try:
+        return _train(cfg, info, force, stop_after)
+    finally:
+        distributed.cleanup(info)
+
+
+def _train(cfg: Config, info: distributed.DistInfo, force: bool, stop_after: int | None) -> Path:
     device = resolve_device(cfg.train.device, info.local_rank)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed * 1_000_003 + info.rank)
     run_dir = Path(cfg.run.dir)
+    trainer = Trainer(cfg, info, device)  # validates config, data and networks before any file is touched
     if info.is_main:
         prepare_run_dir(run_dir, cfg, force)
     distributed.barrier(info)
-    trainer = Trainer(cfg, info, device)
     found = latest_checkpoint(run_dir / "checkpoints")
     if found is not None:
         trainer.load_state_dict(found[1])
-    else:
-        distributed.broadcast_module(trainer.objective, info)
-        trainer.ema = EMA(trainer.objective.model, cfg.train.ema)
+        trainer.last_checkpoint = found[0]
     tc, rc = cfg.train, cfg.run
-    stream = batches(len(trainer.dataset), tc.batch_size, tc.seed, start=trainer.data_pos,
-                     rank=info.rank, world_size=info.world_size)
+    streams = trainer.streams()
     log = RunLog(run_dir, enabled=info.is_main, tensorboard=rc.tensorboard, progress=rc.progress,
                  total=tc.steps, initial=trainer.step)
     stop = {"signal": None}
@@ -243,8 +400,11 @@ def train(cfg: Config, *, force: bool = False, stop_after: int | None = None) ->
     start, t_last, steps_last = time.perf_counter(), time.perf_counter(), trainer.step
     end = tc.steps if stop_after is None else min(tc.steps, trainer.step + stop_after)
     try:
-        while trainer.step < end and stop["signal"] is None:
-            logs = trainer.train_step(stream)
+        while trainer.step < end:
+            # every rank must stop at the same step (torchrun forwards signals at slightly different times)
+            if distributed.any_across_ranks(stop["signal"] is not None, info, device):
+                break
+            logs = trainer.train_step(streams)
             last = trainer.step == tc.steps
             if trainer.step % rc.log_every == 0 or last:
                 now = time.perf_counter()
@@ -252,23 +412,28 @@ def train(cfg: Config, *, force: bool = False, stop_after: int | None = None) ->
                 t_last, steps_last = now, trainer.step
                 log.write(trainer.step, trainer.nimg, logs)
             log.advance()
-            if rc.checkpoint_every and trainer.step % rc.checkpoint_every == 0 and not last:
+            due = rc.checkpoint_every and trainer.step % rc.checkpoint_every == 0
+            milestone = rc.milestone_every and trainer.step % rc.milestone_every == 0
+            if (due or milestone) and not last:
                 trainer.save(run_dir)
             if info.is_main and rc.sample_every and trainer.step % rc.sample_every == 0 and not last:
                 trainer.write_samples(run_dir, final=False)
             every = cfg.eval.every_nimg
             if info.is_main and every and (trainer.nimg // every) > ((trainer.nimg - tc.batch_size) // every):
                 periodic_eval(trainer, run_dir, log)
-        trainer.save(run_dir)
+        trainer.save(run_dir, final=True)
+        if stop["signal"] is not None and info.is_main:
+            name = signal.Signals(stop["signal"]).name
+            print(f"cmkit: {name} received: stopped after step {trainer.step}, checkpoint {trainer.last_checkpoint} "
+                  f"written; run the same command again to resume.", file=sys.stderr)
         if info.is_main and stop["signal"] is None and trainer.step == tc.steps:
             trainer.write_samples(run_dir, final=True)
             summary = {"steps": trainer.step, "nimg": trainer.nimg, "wall_sec": time.perf_counter() - start,
-                       "last_log": log.last}
+                       "skipped_steps": trainer.skipped, "last_log": log.last}
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     finally:
         log.close()
         _install(old_handlers)
-        distributed.cleanup(info)
     return run_dir
 
 
