@@ -56,6 +56,7 @@ class NetConfig:
     hidden: int = 256  # MLP width
     depth: int = 4  # MLP hidden layers
     class_cond: bool = False  # condition on class labels (needs data.labels=true)
+    modulation: str = "film"  # U-Net ResBlock conditioning: film (ADM AdaGN) | double_norm (sCM Sec. 4.1)
 
 
 @dataclass

@@ -195,6 +195,15 @@ class Attention(nn.Module):
         return x + self.proj(h)
 
 
+def pixel_norm(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """Pixel normalisation x / sqrt(mean_c x² + ε) over channels, dim 1 (Karras et al. 2017, Eq. 2)."""
+    return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + eps)
+
+
+# ResBlock noise conditioning: ADM's AdaGN 'film' or sCM's adaptive double normalisation.
+MODULATIONS = ("film", "double_norm")
+
+
 class ResBlock(nn.Module):
     """ADM residual block with FiLM noise conditioning, h = norm(h)·(1 + scale) + shift, and optional attention."""
 
@@ -208,8 +217,12 @@ class ResBlock(nn.Module):
         num_groups: int = 32,
         attention: bool = False,
         num_heads: int = 1,
+        modulation: str = "film",
     ):
         super().__init__()
+        if modulation not in MODULATIONS:
+            raise ValueError(f"unknown net.modulation '{modulation}'. Valid: {', '.join(MODULATIONS)}")
+        self.modulation = modulation
         self.norm1 = make_norm(norm, in_ch, num_groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * out_ch)  # ADM use_scale_shift_norm: emb -> (scale, shift)
@@ -222,7 +235,11 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
+        if self.modulation == "double_norm":
+            # sCM Sec. 4.1 adaptive double normalisation: y = norm(x)⊙pnorm(s(t)) + pnorm(b(t)).
+            h = self.norm2(h) * pixel_norm(scale) + pixel_norm(shift)
+        else:
+            h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
         h = self.skip(x) + h
         return self.attn(h) if self.attn is not None else h

@@ -56,6 +56,7 @@ class UNet(nn.Module):
         norm: str = "group",
         num_groups: int = 32,
         num_classes: int = 0,
+        modulation: str = "film",
     ):
         super().__init__()
         data_shape = tuple(data_shape)
@@ -81,7 +82,8 @@ class UNet(nn.Module):
                 f"pick from those (or [] for attention in the middle only)"
             )
         emb_dim = emb_dim or 4 * channels  # ADM: time_embed_dim = 4 * model_channels
-        block = dict(emb_dim=emb_dim, dropout=dropout, norm=norm, num_groups=num_groups, num_heads=num_heads)
+        block = dict(emb_dim=emb_dim, dropout=dropout, norm=norm, num_groups=num_groups, num_heads=num_heads,
+                     modulation=modulation)
 
         # Noise-level (and class) embedding: sinusoidal features of width `channels`, then Linear-SiLU-Linear.
         self.embed = NoiseEmbedding(embedding, channels, emb_dim, fourier_scale, num_classes)
@@ -133,6 +135,7 @@ class UNet(nn.Module):
             norm=cfg.norm,
             num_groups=cfg.num_groups,
             num_classes=num_classes,
+            modulation=getattr(cfg, "modulation", "film"),
         )
 
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
