@@ -1,0 +1,112 @@
+"""torchrun + DDP on CPU (gloo): 2 ranks stay bit-identical and match 1 process at the same global batch.
+
+One torchrun launch trains iCT, CT (EMA teacher), sCT (JVP inside the DDP forward) and ACT (two
+optimisers) for a few steps each; every rank dumps its objective, EMA and extra state at the end.
+The reference is one process accumulating 2 micro-batches (the same global batch, the same
+per-micro-batch seeds), run in this process. Ranks must agree exactly; ranks vs 1 process only up
+to the rounding of the gradient averaging (a sum over ranks vs. an accumulated sum).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cmkit.checkpoint import latest_checkpoint
+from cmkit.config import load_config
+from cmkit.train import train
+
+METHODS = {
+    "ict": ["configs/ict_toy.yaml", "net.dropout=0.1"],
+    "ct": ["configs/ict_toy.yaml", "method.name=ct"],
+    "sct": ["configs/sct_toy.yaml", "method.tangent_warmup=2"],
+    "act": ["configs/act_toy.yaml", "method.gp_interval=2"],
+}
+TINY = ["net.hidden=32", "net.depth=2", "train.batch_size=32", "data.n=512", "train.steps=4", "train.lr=1e-2", "train.optimizer=adam",
+        "run.progress=false", "run.tensorboard=false", "run.sample_n=8", "run.sample_steps=[1]",
+        "train.ema=[0.9]", "train.threads=1"]
+
+WORKER = textwrap.dedent('''
+    import json, sys
+    import torch
+    from safetensors.torch import save_file
+    import cmkit.train as T
+    from cmkit import distributed
+    from cmkit.config import load_config
+
+    original = T.Trainer.save
+
+    def save(self, run_dir, final=False):  # every rank dumps what must agree across ranks
+        if final:
+            flat = {f"objective/{k}": v for k, v in self.objective.state_dict().items()}
+            for i, m in enumerate(self.ema.modules):
+                flat.update({f"ema/{i}/{k}": v for k, v in m.state_dict().items()})
+            save_file({k: v.detach().clone().contiguous() for k, v in flat.items()},
+                      f"{run_dir}/rank{self.info.rank}.safetensors")
+            with open(f"{run_dir}/rank{self.info.rank}.json", "w") as f:
+                json.dump({"extra": self.objective.extra_state(), "step": self.step, "nimg": self.nimg}, f)
+        return original(self, run_dir, final=final)
+
+    T.Trainer.save = save
+    info = distributed.init("cpu")
+    specs = json.loads(sys.argv[1])
+    for run_dir, args in specs:
+        T._train(load_config(args[0], args[1:] + [f"run.dir={run_dir}"]), info, False, None)
+    distributed.cleanup(info)
+''')
+
+
+def _torchrun(tmp_path, specs, nproc=2):
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torchrun's default 1 thread
+    cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", str(worker), json.dumps(specs)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    specs = [(str(tmp / m), args + TINY) for m, args in METHODS.items()]
+    _torchrun(tmp, specs)
+    return tmp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_ranks_identical_and_match_one_process(ddp_runs, tmp_path, method):
+    run = ddp_runs / method
+    r0, r1 = load_file(run / "rank0.safetensors"), load_file(run / "rank1.safetensors")
+    assert r0.keys() == r1.keys() and any(k.startswith("ema/") for k in r0)
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), f"{method}: {k} differs between ranks"
+    e0, e1 = (json.loads((run / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert e0 == e1 and e0["step"] == 4
+
+    # The training must have moved the weights, or "identical" would be trivially true.
+    _, start, _ = latest_checkpoint(run / "checkpoints")
+    one = load_config(METHODS[method][0], METHODS[method][1:] + TINY + ["train.accumulate=2", f"run.dir={tmp_path}"])
+    train(one)
+    _, state, _ = latest_checkpoint(tmp_path / "checkpoints")
+    single = {f"objective/{k}": v for k, v in state["objective"].items()}
+    single.update({f"ema/0/{k}": v for k, v in state["ema"]["0"].items()})
+    init = load_config(METHODS[method][0], METHODS[method][1:] + TINY + ["train.steps=0", f"run.dir={tmp_path / 'i'}"])
+    train(init)
+    _, zero, _ = latest_checkpoint(tmp_path / "i" / "checkpoints")
+    moved = 0.0
+    for k, v in single.items():
+        assert v.shape == r0[k].shape, k
+        if v.is_floating_point():
+            torch.testing.assert_close(r0[k], v, rtol=1e-4, atol=1e-5, msg=f"{method}: {k} 2 ranks vs 1 process")
+        if k.startswith("objective/") and "model.net." in k and "teacher" not in k:  # ACT: ct.model.net
+            moved = max(moved, (v - zero["objective"][k[len("objective/"):]]).abs().max().item())
+    assert moved > 1e-2, f"{method}: the student did not train ({moved})"
+    assert start["progress"]["step"] == 4
