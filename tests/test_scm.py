@@ -1,0 +1,390 @@
+"""sCM (004_225d7b9daa3d4cfe.txt): TrigFlow, the JVP tangent, Eq. 2/8 gradients, sCT/sCD, samplers.
+
+Ground truths are finite differences, formulas recomputed here, and the closed-form TrigFlow
+consistency function of Gaussian data.
+"""
+
+import math
+
+import pytest
+import torch
+
+from cmkit.config import ConfigError, load_config
+from cmkit.model import Parameterized
+from cmkit.objectives import build_objective
+from cmkit.objectives.scm import normalize_tangent
+from cmkit.processes import TrigFlow
+from cmkit.sampling import consistency_sample, trigflow_ddim_sample, trigflow_ode_sample
+from cmkit.schedules import Progress, tangent_warmup, trigflow_lognormal_times
+from cmkit.trigflow_analytic import GaussianTrigFlowTeacher, gaussian_consistency
+
+SD = 0.5
+NO_STABILISERS = ["method.adaptive_weighting=false", "method.tangent_norm=none", "method.tangent_warmup=0"]
+
+
+def _objective(*overrides, shape=(2,), dtype=torch.float32, seed=0):
+    cfg = load_config(None, ["net.name=mlp", "net.hidden=32", "net.depth=2", "net.embedding=positional",
+                             "method.name=sct", *overrides])
+    torch.manual_seed(seed)
+    obj = build_objective(cfg, shape).to(dtype)
+    # A random (not zero-initialised) output layer, so F and all its derivatives are non-trivial.
+    if hasattr(obj.model.net, "out"):
+        torch.nn.init.normal_(obj.model.net.out.weight, std=0.3)
+    return obj
+
+
+def _draw(n=8, d=2, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(n, d, generator=g, dtype=dtype)
+    z = torch.randn(n, d, generator=g, dtype=dtype)
+    t = torch.rand(n, generator=g, dtype=dtype) * 1.3 + 0.1
+    return x0, z, t
+
+
+# ----------------------------------------------------------------------------
+# TrigFlow process and parameterisation.
+
+
+def test_trigflow_scalings_by_hand():
+    p = TrigFlow(sigma_data=0.5)
+    t = torch.tensor([0.0, math.pi / 3], dtype=torch.float64)
+    c_skip, c_out, c_in, c_noise = p.scalings(t)
+    assert c_skip.tolist() == pytest.approx([1.0, 0.5], abs=1e-15)
+    assert c_out.tolist() == pytest.approx([0.0, -0.5 * math.sqrt(3) / 2], abs=1e-15)
+    assert c_in.tolist() == [2.0, 2.0] and torch.equal(c_noise, t)
+    c_skip, c_out, c_in, _ = p.scalings(t, "diffusion")
+    assert c_skip.tolist() == [0.0, 0.0] and c_out.tolist() == [0.5, 0.5]
+    # EDM time transform (App. B.2): ¼ ln(σ_d tan t); at t = π/4, σ = σ_d.
+    edm = TrigFlow(0.5, time_transform="edm", time_scale=2.0)
+    assert edm.c_noise(torch.tensor([math.pi / 4], dtype=torch.float64)).item() == pytest.approx(2 * 0.25 * math.log(0.5))
+
+
+def test_add_noise_renoise_and_velocity_target():
+    p = TrigFlow(sigma_data=0.5)
+    x0, z, t = _draw()
+    tb = t[:, None]
+    assert torch.allclose(p.add_noise(x0, z, t), torch.cos(tb) * x0 + torch.sin(tb) * 0.5 * z)
+    assert torch.equal(p.renoise(x0, t, z), p.add_noise(x0, z, t))
+    # v_t is the t-derivative of x_t (central difference).
+    h = 1e-6
+    fd = (p.add_noise(x0, z, t + h) - p.add_noise(x0, z, t - h)) / (2 * h)
+    assert torch.allclose(p.velocity_target(x0, z, t), fd, atol=1e-8)
+    assert torch.equal(p.from_noise(z), 0.5 * z)
+
+
+def test_boundary_condition_f_x_0_is_x():
+    obj = _objective(dtype=torch.float64)
+    x = torch.randn(16, 2, dtype=torch.float64)
+    assert torch.equal(obj.model(x, torch.zeros(16, dtype=torch.float64)), x)
+    # and the parameterisation is Eq. 5 elsewhere
+    t = torch.full((16,), 0.7, dtype=torch.float64)
+    F = obj.model.net(x / SD, t)
+    assert torch.allclose(obj.model(x, t), math.cos(0.7) * x - math.sin(0.7) * SD * F)
+
+
+def test_proposal_is_lognormal_in_sigma_d_tan_t():
+    torch.manual_seed(0)
+    t = trigflow_lognormal_times(200_000, -1.0, 1.4, SD)
+    assert 0 < t.min() and t.max() < math.pi / 2
+    log_sigma = torch.log(SD * torch.tan(t.double()))
+    assert log_sigma.mean().item() == pytest.approx(-1.0, abs=0.02)
+    assert log_sigma.std().item() == pytest.approx(1.4, abs=0.02)
+
+
+# ----------------------------------------------------------------------------
+# The tangent (Eq. 6 via the JVP of Sec. 5.1) and the gradients (Eq. 2, Eq. 8, Remark 10).
+
+
+def _f(obj, x, t):
+    return obj.model(x, t)
+
+
+@pytest.mark.parametrize("transform", ["identity", "edm"])
+def test_jvp_tangent_matches_finite_difference(transform):
+    obj = _objective(f"method.time_transform={transform}", dtype=torch.float64)
+    x0, z, t = _draw()
+    x_t = obj.process.add_noise(x0, z, t)
+    dxdt = obj.process.velocity_target(x0, z, t)
+    F_minus, g = obj.tangent(x_t, t, dxdt, r=1.0)
+    h = 1e-5
+    fd = (_f(obj, x_t + h * dxdt, t + h) - _f(obj, x_t - h * dxdt, t - h)) / (2 * h)
+    expected = torch.cos(t)[:, None] * fd  # g = cos(t)·df⁻/dt
+    rel = (g - expected).norm() / expected.norm()
+    assert rel < 1e-4, rel
+    assert torch.allclose(F_minus, obj.model.net(x_t / SD, obj.process.c_noise(t)))
+
+
+def test_tangent_warmup_scales_the_sin_term():
+    assert [tangent_warmup(k, 10) for k in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0]
+    assert tangent_warmup(0, 0) == 1.0
+    obj = _objective(dtype=torch.float64)
+    x0, z, t = _draw()
+    x_t, dxdt = obj.process.add_noise(x0, z, t), obj.process.velocity_target(x0, z, t)
+    F, g0 = obj.tangent(x_t, t, dxdt, r=0.0)
+    c = torch.cos(t)[:, None]
+    assert torch.allclose(g0, -c**2 * (SD * F - dxdt))  # r = 0: only the cos term of Eq. 6
+    _, g1 = obj.tangent(x_t, t, dxdt, r=1.0)
+    _, gh = obj.tangent(x_t, t, dxdt, r=0.5)
+    assert torch.allclose(gh, (g0 + g1) / 2)  # linear in r
+
+
+def _grads(obj, loss):
+    obj.zero_grad(set_to_none=True)
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in obj.model.parameters()])
+
+
+@pytest.mark.parametrize("weighting", ["prior", "uniform"])
+def test_eq8_gradient_equals_eq2_gradient(weighting):
+    """(D/2)·∇θ Eq. 8 = ∇θ E[w(t) f_θᵀ df⁻/dt] (Eq. 2), w = 1/(σ_d tan t) or 1; tangent by central FD."""
+    obj = _objective(*NO_STABILISERS, f"method.weighting={weighting}", dtype=torch.float64)
+    x0, z, t = _draw()
+    D = x0.shape[1]
+    g8 = _grads(obj, obj.consistency_loss(x0, z, t)["loss"].mean())
+    x_t, dxdt = obj.process.add_noise(x0, z, t), obj.process.velocity_target(x0, z, t)
+    h = 1e-5
+    with torch.no_grad():
+        tangent = (_f(obj, x_t + h * dxdt, t + h) - _f(obj, x_t - h * dxdt, t - h)) / (2 * h)
+    w = 1 / (SD * torch.tan(t)) if weighting == "prior" else torch.ones_like(t)
+    g2 = _grads(obj, (w * (_f(obj, x_t, t) * tangent).sum(1)).mean())
+    assert torch.allclose(D / 2 * g8, g2, rtol=1e-5, atol=1e-9), (D / 2 * g8 - g2).abs().max()
+
+
+def test_scm_gradient_is_limit_of_discrete_consistency_gradient():
+    """Song et al. 2023 Remark 10 / sCM Eq. 2: ∇θ L_Δt / Δt → D·∇θ Eq. 8 (squared ℓ2, w = prior)."""
+    obj = _objective(*NO_STABILISERS, dtype=torch.float64)
+    x0, z, t = _draw()
+    D = x0.shape[1]
+    g8 = _grads(obj, obj.consistency_loss(x0, z, t)["loss"].mean())
+    w = 1 / (SD * torch.tan(t))
+    errors = []
+    for dt in (1e-3, 1e-4):
+        s = t - dt
+        with torch.no_grad():
+            target = _f(obj, obj.process.add_noise(x0, z, s), s)
+        l_disc = (w * (_f(obj, obj.process.add_noise(x0, z, t), t) - target).square().sum(1)).mean()
+        gd = _grads(obj, l_disc) / dt
+        errors.append(((gd - D * g8).norm() / gd.norm()).item())
+    assert errors[1] < 2e-3 and errors[1] < errors[0] / 5, errors  # O(Δt) convergence
+
+
+def test_discrete_time_tangent_tends_to_the_jvp_tangent():
+    obj = _objective(*NO_STABILISERS, "method.discrete_steps=100000", dtype=torch.float64)
+    x0, z, t = _draw()
+    step = (math.pi / 2) / 100000
+    t = torch.ceil(t / step) * step
+    disc = obj.consistency_loss(x0, z, t)
+    obj.cfg.discrete_steps = 0
+    cont = obj.consistency_loss(x0, z, t)
+    assert torch.allclose(disc["loss"], cont["loss"], rtol=1e-3)
+
+
+def test_tangent_normalisation_and_clipping():
+    g = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    assert torch.allclose(normalize_tangent(g, "normalize", 0.1), torch.tensor([[3 / 5.1, 4 / 5.1], [0.0, 0.0]]))
+    assert torch.equal(normalize_tangent(g, "clip"), torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    assert torch.equal(normalize_tangent(g, "none"), g)
+
+
+def test_adaptive_weighting_loss_and_joint_training():
+    obj = _objective("method.tangent_warmup=0")
+    torch.nn.init.normal_(obj.weight_net.linear.weight, std=0.5)
+    x0, z, t = (a.float() for a in _draw())
+    out = obj.consistency_loss(x0, z, t)
+    ref_obj_mse = obj.consistency_loss  # recompute e^{w}·mse - w from the pieces
+    with torch.no_grad():
+        w = obj.weight_net(t)
+    mse = out["loss"].detach() + w  # loss = e^w mse - w  =>  e^w mse = loss + w
+    assert torch.all(mse > 0)
+    obj.cfg.adaptive_weighting = False
+    weight_net, obj.weight_net = obj.weight_net, None
+    plain = ref_obj_mse(x0, z, t)["loss"].detach()
+    obj.weight_net = weight_net
+    assert torch.allclose(out["loss"].detach(), torch.exp(w) * plain - w, rtol=1e-5)
+    # one phase, one optimiser, both modules
+    (phase,) = obj.phases
+    names = {n.split(".")[0] for n, _ in phase.module.named_parameters()}
+    assert names == {"model", "weight"}
+    before = obj.weight_net.linear.weight.clone()
+    opt = torch.optim.SGD(phase.module.parameters(), lr=0.1)
+    phase.loss({"x": torch.randn(32, 2)}, Progress(0, 100, 32))["loss"].mean().backward()
+    opt.step()
+    assert not torch.equal(before, obj.weight_net.linear.weight)
+
+
+def test_dropout_masks_shared_between_tangent_and_student_pass(monkeypatch):
+    for shared, expect_zero in ((True, True), (False, False)):
+        obj = _objective("net.dropout=0.5", *NO_STABILISERS, f"method.shared_dropout={str(shared).lower()}").train()
+        real = obj.tangent
+        monkeypatch.setattr(obj, "tangent", lambda *a, **k: (real(*a, **k)[0], torch.zeros(8, 2)))
+        x0, z, t = (a.float() for a in _draw())
+        mse = obj.consistency_loss(x0, z, t)["loss"]
+        assert torch.all(mse == 0) == expect_zero  # F_θ = F_θ⁻ exactly iff the masks agree
+
+
+def test_scd_needs_a_teacher_and_validation_errors():
+    with pytest.raises(ConfigError, match="teacher"):
+        load_config(None, ["method.name=scd"])
+    with pytest.raises(ConfigError, match="tangent_norm"):
+        load_config(None, ["method.name=sct", "method.tangent_norm=bogus"])
+    with pytest.raises(ConfigError, match="t_mid"):
+        load_config(None, ["method.name=sct", "method.t_mid=[1.7]"])
+
+
+# ----------------------------------------------------------------------------
+# Samplers.
+
+
+class _Spy(torch.nn.Module):
+    """A TrigFlow consistency model f = cos t·x - sin t·σ_d·F with F(x) = 0.3 x + 1; records inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.process = TrigFlow(0.5, mid_times=(1.1,))
+        self.calls = []
+
+    def forward(self, x, t, class_labels=None):
+        self.calls.append((x.clone(), t.clone()))
+        tb = t[:, None].double()
+        return (torch.cos(tb) * x - torch.sin(tb) * 0.5 * (0.3 * x / 0.5 + 1)).to(x.dtype)
+
+
+def test_sampling_times_and_two_step_sampler_renoises_at_t_mid():
+    p = TrigFlow(0.5)
+    assert p.sampling_times(1) == [math.pi / 2] and p.sampling_times(2) == [math.pi / 2, 1.1]
+    assert TrigFlow(0.5, mid_times=(1.2, 0.6)).sampling_times(3) == [math.pi / 2, 1.2, 0.6]
+    spy = _Spy()
+    noise = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = consistency_sample(spy, noise, p.sampling_times(2), generator=torch.Generator().manual_seed(7))
+    (x1, t1), (x2, t2) = spy.calls
+    assert torch.equal(x1, 0.5 * noise) and torch.all(t1 == math.pi / 2)
+    first = spy(x1, t1)
+    z = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    assert torch.all(t2.double() == torch.tensor(1.1, dtype=torch.float32).double())
+    tm = torch.tensor(1.1, dtype=torch.float32).double()
+    assert torch.allclose(x2, torch.cos(tm) * first + torch.sin(tm) * 0.5 * z, atol=1e-12)
+    assert torch.allclose(out, spy(x2, t2), atol=1e-12)
+
+
+def test_ode_samplers_follow_the_analytic_gaussian_flow():
+    """Integrating the exact PF-ODE of N(m, s²) from π/2 lands at m + s·z (closed form), for both solvers."""
+    m, s = 0.7, 0.2
+    teacher = GaussianTrigFlowTeacher(m, s, SD).double()
+    noise = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = gaussian_consistency(SD * noise, torch.tensor(math.pi / 2, dtype=torch.float64), m, s, SD)
+    assert torch.allclose(exact, m + s * noise, atol=1e-12)
+    err = {}
+    for name, sampler in (("heun", trigflow_ode_sample), ("ddim", trigflow_ddim_sample)):
+        err[name] = [(sampler(teacher, noise, teacher.process.ode_times(n)) - exact).abs().max().item()
+                     for n in (32, 128)]
+    assert err["heun"][1] < 1e-3 and err["heun"][0] / err["heun"][1] > 10, err  # 2nd order: ~16x per 4x steps
+    assert err["ddim"][1] < 2e-2 and err["ddim"][0] / err["ddim"][1] > 3, err  # 1st order: ~4x
+
+
+# ----------------------------------------------------------------------------
+# Learning.
+
+
+@pytest.mark.slow
+def test_scd_learns_the_closed_form_gaussian_consistency_function():
+    """sCD with the analytic teacher of N(m, s²) data recovers f(x_t, t) = m + s(x_t - cos t m)/v_t.
+
+    Plain Eq. 8 (no normalisation, no adaptive weighting): at this toy learning rate e^{w_φ} grows
+    to ~1/mse and the normalised run overshoots; the stabilisers are exercised elsewhere.
+    """
+    m, s = 0.5, 0.25
+    obj = _objective(*NO_STABILISERS, "net.hidden=64", "method.p_mean=0.0", "method.p_std=1.6", seed=3)
+    obj.set_teacher(GaussianTrigFlowTeacher(m, s, SD))
+    (phase,) = obj.phases
+    opt = torch.optim.Adam(phase.module.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is fastest
+    try:
+        for k in range(800):
+            x = m + s * torch.randn(256, 2, generator=gen)
+            loss = phase.loss({"x": x}, Progress(k * 256, 800 * 256, 256))["loss"].mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    torch.manual_seed(5)
+    errs, untrained = [], []
+    for tv in (0.2, 0.6, 1.0, 1.3, math.pi / 2):
+        t = torch.full((2000,), tv)
+        x_t = obj.process.add_noise(m + s * torch.randn(2000, 2), torch.randn(2000, 2), t)
+        exact = gaussian_consistency(x_t, t, m, s, SD)
+        with torch.no_grad():
+            errs.append((obj.model(x_t, t) - exact).square().mean().sqrt().item())
+        untrained.append((torch.cos(t)[:, None] * x_t - exact).square().mean().sqrt().item())  # F = 0
+    assert max(errs) < 0.05, errs
+    assert min(untrained) > 0.05, untrained  # the tolerance separates learnt from not learnt
+
+
+@pytest.mark.slow
+def test_sct_on_eight_gaussians_beats_untrained(tmp_path):
+    from cmkit.data import load_dataset
+    from cmkit.run import load
+    from cmkit.train import train
+    from cmkit_testutils import sliced_wasserstein
+
+    over = ["train.steps=400", "train.batch_size=128", "run.progress=false", "run.tensorboard=false",
+            "run.sample_n=16", "data.n=4096", "run.sample_steps=[1]"]
+    cfg = load_config("configs/sct_toy.yaml", over + [f"run.dir={tmp_path / 'a'}"])
+    untrained_cfg = load_config("configs/sct_toy.yaml", over + ["train.steps=1", f"run.dir={tmp_path / 'b'}"])
+    train(cfg)
+    train(untrained_cfg)
+    data = load_dataset(cfg.data).x[:1000]
+    swd = {k: [] for k in ("a", "b")}
+    for k in swd:
+        run = load(tmp_path / k)
+        for steps in (1, 2):
+            swd[k].append(sliced_wasserstein(run.sample(1000, steps, data_space=False), data))
+    assert swd["a"][0] < 0.4 * swd["b"][0], swd
+    assert swd["a"][1] < 0.4 * swd["b"][1], swd
+
+
+# ----------------------------------------------------------------------------
+# Network option and TrigFlow diffusion.
+
+
+def test_adaptive_double_norm_unet_jvp_matches_finite_difference():
+    from cmkit.nets.layers import pixel_norm
+
+    x = torch.tensor([[[[3.0]], [[4.0]]]])  # channels (3, 4): RMS = sqrt(12.5)
+    assert torch.allclose(pixel_norm(x).flatten(), torch.tensor([3.0, 4.0]) / math.sqrt(12.5))
+    obj = _objective("net.name=unet", "net.channels=8", "net.channel_mult=[1,2]", "net.num_blocks=1",
+                     "net.attn_resolutions=[4]", "net.num_groups=4", "net.modulation=double_norm",
+                     shape=(1, 8, 8), dtype=torch.float64)
+    assert obj.model.net.enc[0].modulation == "double_norm"
+    for p in obj.model.net.parameters():  # zero-initialised convolutions would hide most of the network
+        torch.nn.init.normal_(p, std=0.2)
+    g = torch.Generator().manual_seed(0)
+    x0, z = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64), torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.4, 1.2], dtype=torch.float64)
+    x_t, dxdt = obj.process.add_noise(x0, z, t), obj.process.velocity_target(x0, z, t)
+    _, gt = obj.tangent(x_t, t, dxdt, r=1.0)
+    h = 1e-5
+    fd = (_f(obj, x_t + h * dxdt, t + h) - _f(obj, x_t - h * dxdt, t - h)) / (2 * h)
+    expected = torch.cos(t)[:, None, None, None] * fd
+    assert (gt - expected).norm() / expected.norm() < 1e-4
+
+
+def test_trigflow_diffusion_loss_is_eq4():
+    cfg = load_config(None, ["net.name=mlp", "net.hidden=32", "net.depth=2", "method.name=trigflow"])
+    torch.manual_seed(0)
+    obj = build_objective(cfg, (3,))
+    assert obj.model.kind == "diffusion" and obj.sampler is trigflow_ode_sample
+    assert obj.sample_times(8) == obj.process.ode_times(4)
+    x0 = torch.randn(16, 3)
+    torch.manual_seed(1)
+    out = obj.loss({"x": x0}, Progress(0, 100, 16))["loss"]
+    torch.manual_seed(1)
+    t = trigflow_lognormal_times(16, -1.0, 1.4, SD)
+    z = torch.randn_like(x0)
+    x_t = torch.cos(t)[:, None] * x0 + torch.sin(t)[:, None] * SD * z
+    with torch.no_grad():
+        v = SD * obj.model.net(x_t / SD, t)
+    target = torch.cos(t)[:, None] * SD * z - torch.sin(t)[:, None] * x0
+    assert torch.allclose(out.detach(), (v - target).square().mean(1), rtol=1e-5)
