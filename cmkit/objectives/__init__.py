@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from cmkit.objectives.act import ACTConfig, AdversarialConsistencyTraining
 from cmkit.objectives.base import MethodSpec, Objective, Phase
+from cmkit.objectives.cmgan import CMGAN, CMGANConfig
 from cmkit.objectives.consistency import ConsistencyConfig, ConsistencyTraining
 from cmkit.objectives.diffusion import EDMConfig, EDMDiffusion
 from cmkit.objectives.distillation import ConsistencyDistillation, DistillationConfig
@@ -43,6 +44,12 @@ METHODS: dict[str, MethodSpec] = {
     "scd": MethodSpec(ContinuousConsistency, SCMConfig, {}),
     "ct_trigflow": MethodSpec(ContinuousConsistency, SCMConfig, dict(discrete_steps=256)),
     "trigflow": MethodSpec(TrigFlowDiffusion, TrigFlowConfig, {}),
+    # CM-GAN (000_6636be86a063c832.txt): L_CM + λ·L_GAN with L_CM = iCT (cmgan), CT (cmgan_ct) or CD
+    # (cmgan_cd: N = 18, uniform i, λ(σ) = 1, ℓ2 as the "cd" method; the paper uses LPIPS, not in cmkit).
+    "cmgan": MethodSpec(CMGAN, CMGANConfig, ICT_PRESET),
+    "cmgan_ct": MethodSpec(CMGAN, CMGANConfig, CT_PRESET),
+    "cmgan_cd": MethodSpec(CMGAN, CMGANConfig, dict(
+        consistency="cd", curriculum="const", s1=17, noise_schedule="uniform", weighting="uniform", distance="l2")),
 }
 
 

@@ -138,6 +138,11 @@ class ConsistencyTraining(Objective):
         return adaptive_c(n) if self.cfg.c_schedule == "adaptive" else self.c
 
     def loss(self, batch, progress: Progress) -> dict:
+        return self.loss_with_output(batch, progress)[0]
+
+    def loss_with_output(self, batch, progress: Progress) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """``loss``'s dict plus the student's output f_θ(x + σ_{i+1} z, σ_{i+1}) and σ_{i+1}, for
+        objectives that add terms on that output (CM-GAN's generator loss)."""
         x0, labels = batch["x"], batch.get("labels")
         sigma_i, sigma_next, n = self.sample_pairs(x0, progress)
         z = torch.randn_like(x0)
@@ -164,7 +169,7 @@ class ConsistencyTraining(Objective):
             diff = mask * l2(student, x0)
             loss = loss + self.cfg.diffusion_weight * diff
             logs["diffusion_loss"] = diff.detach().sum() / mask.sum().clamp_min(1)
-        return {"loss": loss, **logs}
+        return {"loss": loss, **logs}, student, t_next
 
     @torch.no_grad()
     def after_phase(self, phase: str, progress: Progress) -> None:

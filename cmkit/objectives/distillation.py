@@ -217,6 +217,11 @@ class ConsistencyDistillation(Objective):
         return self.ode_step(self.teacher, x_next, sigma_next, sigma_i, labels)
 
     def loss(self, batch, progress: Progress) -> dict:
+        return self.loss_with_output(batch, progress)[0]
+
+    def loss_with_output(self, batch, progress: Progress) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """``loss``'s dict plus the student's output f_θ(x_{σ_{i+1}}, σ_{i+1}) and σ_{i+1}, for
+        objectives that add terms on that output (CM-GAN's generator loss)."""
         x0, labels = batch["x"], batch.get("labels")
         sigma_i, sigma_next, n = self.sample_pairs(x0, progress)
         t_i, t_next = sigma_i.to(x0.dtype), sigma_next.to(x0.dtype)
@@ -230,7 +235,7 @@ class ConsistencyDistillation(Objective):
             target = target_net(x_hat, t_i, labels)
         # iCT Eq. 3: λ(σ_i)·d(f_θ(x_{σ_{i+1}}, σ_{i+1}), f_θ⁻(x̂_{σ_i}, σ_i)).
         weight = self.weighting(sigma_i, sigma_next).to(torch.float32)
-        return {"loss": weight * self.distance(student, target, self.c), "N": float(n)}
+        return {"loss": weight * self.distance(student, target, self.c), "N": float(n)}, student, t_next
 
     @torch.no_grad()
     def after_phase(self, phase: str, progress: Progress) -> None:
