@@ -69,6 +69,7 @@ class ConsistencyConfig:
     teacher_ema: bool = False  # CT: θ⁻ ← μ(k)θ⁻ + (1-μ(k))θ; iCT: μ = 0, the teacher is the student
     mu0: float = 0.9  # CT's μ0 in μ(k) = exp(s0 log μ0 / N(k))
     shared_dropout: bool = True  # same dropout masks in student and teacher (iCT Sec. 3.1)
+    c_noise_scale: float = 1.0  # c_noise = scale·ln σ: 1 feeds NCSN++'s Fourier layer ln σ; 250 = ADM's 1000·¼·ln σ
     # iLCT (002_915a3e3a8597e2f0.txt): each technique is a separate switch (Table 2a ladder).
     c_schedule: str = "fixed"  # fixed | adaptive: c = exp(-1.18·log(N(k)-1) - 0.72) (iLCT Eq. 11)
     diffusion_weight: float = 0.0  # weight of the diffusion loss (iLCT Eq. 9); 0 = off
@@ -101,7 +102,7 @@ class ConsistencyTraining(Objective):
         super().__init__()
         m = cfg.method
         self.cfg = m
-        self.process = VEProcess(m.sigma_data, m.sigma_min, m.sigma_max, m.rho)
+        self.process = VEProcess(m.sigma_data, m.sigma_min, m.sigma_max, m.rho, m.c_noise_scale)
         self.model = Parameterized(build_network(cfg.net, shape, num_classes), self.process)
         self.teacher = copy.deepcopy(self.model).requires_grad_(False) if m.teacher_ema else None
         self.c = m.c if m.c > 0 else pseudo_huber_c(math.prod(shape))
