@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         if args.debug:
             raise
-        print(f"cmkit: error: {e}", file=sys.stderr)
+        print("cmkit: error: " + " ".join(str(e).split()), file=sys.stderr)  # one paragraph, even for YAML errors
         return 2
     except KeyboardInterrupt:
         print("cmkit: interrupted", file=sys.stderr)

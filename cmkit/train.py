@@ -107,7 +107,12 @@ class Trainer:
         if cfg.net.class_cond and self.dataset.num_classes == 0:
             raise ConfigError("net.class_cond=true needs labelled data: set data.labels=true (digits, mnist, array with y)")
         num_classes = self.dataset.num_classes if cfg.net.class_cond else 0
-        self.objective = build_objective(cfg, self.dataset.shape, num_classes).to(device)
+        try:
+            self.objective = build_objective(cfg, self.dataset.shape, num_classes).to(device)
+        except (ConfigError, CheckpointError):
+            raise
+        except ValueError as e:  # networks and objectives reject impossible combinations with ValueError
+            raise ConfigError(f"cannot build method.name={cfg.method.name} with net.name={cfg.net.name}: {e}") from None
         if tc.compile:  # in place: state_dict keys stay the same (MACHINE-NOTES: no CPU gain, JVP not compilable)
             self.objective.model.net.compile()
         distributed.broadcast_module(self.objective, info)  # one starting point for every rank
