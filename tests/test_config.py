@@ -19,7 +19,7 @@ def test_presets_ct_and_ict():
 def test_overrides_combine_techniques():
     cfg = load_config("configs/ict_toy.yaml", ["method.distance=l2", "method.teacher_ema=true", "train.steps=7"])
     assert cfg.method.distance == "l2" and cfg.method.teacher_ema and cfg.train.steps == 7
-    assert cfg.method.s1 == 320  # from the YAML file
+    assert cfg.method.s1 == 80  # from the YAML file
 
 
 def test_numbers_and_lists():
