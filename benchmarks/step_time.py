@@ -1,0 +1,152 @@
+"""Training-step time against the compute floor of its network passes, per method (issue 9).
+
+For each method: the median time of ``Trainer.train_step`` and of the network passes that step
+contains, each measured in isolation in the same process on the same batch (student
+forward+backward, no-grad teacher forward, JVP, discriminator passes). ratio = step / passes:
+1.00 means the loop adds nothing around the networks. Also 1-step sampling throughput against
+a bare backbone forward on the same batch. Run:
+
+    python benchmarks/step_time.py --config configs/ict_mnist.yaml --batch 32
+    python benchmarks/step_time.py --device cuda --precision bf16      # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+from cmkit import distributed
+from cmkit.config import load_config
+from cmkit.train import Trainer
+from cmkit.schedules import Progress
+
+# Network passes of one training step per method (what the objective's loss runs; see objectives/).
+RECIPES = {
+    "ct": ["student_fwd_bwd", "teacher_fwd"],
+    "ict": ["student_fwd_bwd", "teacher_fwd"],
+    "ilct": ["student_fwd_bwd", "teacher_fwd"],
+    "edm": ["student_fwd_bwd"],
+    "trigflow": ["student_fwd_bwd"],
+    "sct": ["jvp", "student_fwd_bwd"],
+    "ct_trigflow": ["teacher_fwd", "teacher_fwd", "student_fwd_bwd"],  # discrete: F⁻(x_t), f⁻(x_s), F_θ
+    # ACT: model phase = CT + D(fake) fwd+bwd to the input; disc phase = no-grad student + D fwd+bwd on real and fake.
+    "act": ["student_fwd_bwd", "teacher_fwd", "disc_fwd_bwd", "teacher_fwd", "disc_fwd_bwd", "disc_fwd_bwd"],
+    "act_ict": ["student_fwd_bwd", "teacher_fwd", "disc_fwd_bwd", "teacher_fwd", "disc_fwd_bwd", "disc_fwd_bwd"],
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, device, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def passes(trainer: Trainer, batch: int):
+    """Closures for each isolated network pass, on a batch of this trainer's data."""
+    obj, dev = trainer.objective, trainer.device
+    x = trainer.dataset.x[:batch].to(dev)
+    t = torch.full((batch,), 1.0, device=dev)
+    model = obj.model
+    ac = trainer.autocast
+
+    def student_fwd_bwd():
+        with ac():
+            out = model(x, t)
+        out.float().square().mean().backward()
+
+    def teacher_fwd():
+        with torch.no_grad(), ac():
+            model(x, t)
+
+    def jvp():
+        c = model.process.c_noise(t)
+        with torch.no_grad():
+            torch.func.jvp(lambda a, b: model.net(a, b, None), (x, c), (torch.ones_like(x), torch.ones_like(c)))
+
+    def disc_fwd_bwd():
+        d = obj.discriminator
+        xr = x.detach().requires_grad_(True)
+        with ac():
+            out = d(xr, model.process.c_noise(t), None)
+        out.float().mean().backward()
+
+    return {"student_fwd_bwd": student_fwd_bwd, "teacher_fwd": teacher_fwd, "jvp": jvp, "disc_fwd_bwd": disc_fwd_bwd}
+
+
+def bench_method(name: str, args) -> dict:
+    cfg = load_config(args.config, [f"method.name={name}", f"train.batch_size={args.batch}", f"train.device={args.device}",
+                                    f"train.precision={args.precision}", "run.progress=false", "run.tensorboard=false",
+                                    *args.overrides])
+    device = torch.device(args.device)
+    trainer = Trainer(cfg, distributed.DistInfo(), device)
+    streams = trainer.streams()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step = median_time(lambda: trainer.train_step(streams), device, args.repeats, args.warmup)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    fns = passes(trainer, args.batch)
+    each = {p: median_time(fns[p], device, args.repeats, args.warmup) for p in set(RECIPES[name])}
+    network = sum(each[p] for p in RECIPES[name])
+    # 1-step sampling against a bare backbone forward on the same batch.
+    ema = trainer.ema.modules[0]
+    noise = torch.randn(args.batch, *trainer.dataset.shape, device=device)
+    times = trainer.objective.sample_times(1)
+    sample = median_time(lambda: trainer.objective.sampler(ema, noise, times), device, args.repeats, args.warmup)
+    tt = torch.full((args.batch,), float(times[0]), device=device)
+    c = ema.process.c_noise(tt) if hasattr(ema.process, "c_noise") else tt
+    with torch.no_grad():
+        bare = median_time(lambda: ema.net(noise, c, None), device, args.repeats, args.warmup)
+    return {"method": name, "step_ms": 1e3 * step, "network_ms": 1e3 * network, "ratio": step / network,
+            "passes_ms": {p: round(1e3 * v, 2) for p, v in each.items()}, "peak_mb": peak,
+            "sample_1step_ms": 1e3 * sample, "bare_forward_ms": 1e3 * bare, "sampling_efficiency": bare / sample}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/ict_mnist.yaml")
+    ap.add_argument("--methods", nargs="+", default=["ct", "ict", "sct"], help=f"any of {', '.join(RECIPES)}")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. net.channels=16")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = []
+    print(f"{'method':12s} {'step ms':>9s} {'net ms':>9s} {'ratio':>6s} {'peak MB':>8s} {'1-step ms':>9s} "
+          f"{'bare ms':>8s} {'samp eff':>8s}  passes")
+    for name in args.methods:
+        r = bench_method(name, args)
+        rows.append(r)
+        print(f"{name:12s} {r['step_ms']:9.1f} {r['network_ms']:9.1f} {r['ratio']:6.3f} {r['peak_mb']:8.0f} "
+              f"{r['sample_1step_ms']:9.2f} {r['bare_forward_ms']:8.2f} {r['sampling_efficiency']:8.3f}  {r['passes_ms']}",
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
