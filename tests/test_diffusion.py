@@ -45,15 +45,15 @@ class CountingDenoiser(nn.Module):
 
 
 def test_edm_coefficients_hand_values():
-    # σ = 0.5, σ_d = 0.5: c_skip = 0.25/0.5 = 0.5, c_out = 0.25/sqrt(0.5), c_in = 1/sqrt(0.5), c_noise = 250 ln 0.5
+    # σ = 0.5, σ_d = 0.5: c_skip = 0.25/0.5 = 0.5, c_out = 0.25/sqrt(0.5), c_in = 1/sqrt(0.5), c_noise = ¼ ln 0.5 (EDM)
     net = ConstNet(1.0)
-    D = Parameterized(net, VEProcess(), kind="diffusion")
+    D = Parameterized(net, VEProcess(c_noise_scale=0.25), kind="diffusion")
     x = torch.tensor([[2.0, -4.0]])
     out = D(x, torch.tensor([0.5]))
     expected = 0.5 * x + (0.25 / math.sqrt(0.5)) * 1.0
     assert torch.allclose(out, expected, atol=1e-6)
     assert torch.allclose(net.seen[0], x / math.sqrt(0.5), atol=1e-6)
-    assert torch.allclose(net.seen[1], torch.tensor([250 * math.log(0.5)]), atol=1e-4)
+    assert torch.allclose(net.seen[1], torch.tensor([0.25 * math.log(0.5)]), atol=1e-4)
     # σ = 2: c_skip = 0.25/4.25, c_out = 1/sqrt(4.25); no σ_min offset (unlike the consistency kind)
     out = D(x, torch.tensor([2.0]))
     assert torch.allclose(out, x * 0.25 / 4.25 + 1 / math.sqrt(4.25), atol=1e-6)

@@ -32,6 +32,7 @@ class EDMConfig:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
+    c_noise_scale: float = 1.0  # c_noise = scale·ln σ, as ConsistencyConfig (EDM itself uses ¼·ln σ)
     p_mean: float = -1.2  # EDM Table 1: ln σ ~ N(P_mean, P_std²)
     p_std: float = 1.2
     sampler: str = "heun"  # heun (EDM Alg. 1) | euler; `cmkit sample --steps K` then means K network evaluations
@@ -57,7 +58,7 @@ class EDMDiffusion(Objective):
         super().__init__()
         m = cfg.method
         self.cfg = m
-        self.process = VEProcess(m.sigma_data, m.sigma_min, m.sigma_max, m.rho)
+        self.process = VEProcess(m.sigma_data, m.sigma_min, m.sigma_max, m.rho, m.c_noise_scale)
         self.model = Parameterized(build_network(cfg.net, shape, num_classes), self.process, kind="diffusion")
 
     @property

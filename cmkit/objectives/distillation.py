@@ -46,6 +46,7 @@ class DistillationConfig:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
+    c_noise_scale: float = 1.0  # c_noise = scale·ln σ, as ConsistencyConfig (EDM itself uses ¼·ln σ)
     curriculum: str = "const"  # const: N = s1 + 1 (Song et al. 2023 CIFAR-10: N = 18) | exp | sqrt
     s0: int = 10
     s1: int = 17
@@ -168,7 +169,7 @@ class ConsistencyDistillation(Objective):
         super().__init__()
         m = cfg.method
         self.cfg = m
-        self.process = VEProcess(m.sigma_data, m.sigma_min, m.sigma_max, m.rho)
+        self.process = VEProcess(m.sigma_data, m.sigma_min, m.sigma_max, m.rho, m.c_noise_scale)
         self.model = Parameterized(build_network(cfg.net, shape, num_classes), self.process)
         self.teacher = load_teacher(m.teacher, self.process, tuple(shape), cfg.data)
         if self.teacher.class_cond != cfg.net.class_cond:
