@@ -319,7 +319,7 @@ def test_scd_learns_the_closed_form_gaussian_consistency_function():
             errs.append((obj.model(x_t, t) - exact).square().mean().sqrt().item())
         untrained.append((torch.cos(t)[:, None] * x_t - exact).square().mean().sqrt().item())  # F = 0
     assert max(errs) < 0.05, errs
-    assert min(untrained) > 0.05, untrained  # the tolerance separates learnt from not learnt
+    assert min(untrained[1:]) > 0.15, untrained  # away from t = 0 (where f ≈ x) F = 0 is far off
 
 
 @pytest.mark.slow
@@ -329,8 +329,10 @@ def test_sct_on_eight_gaussians_beats_untrained(tmp_path):
     from cmkit.train import train
     from cmkit_testutils import sliced_wasserstein
 
+    # All sCM stabilisers on (the config's defaults); a short EMA because the run is 400 steps.
     over = ["train.steps=400", "train.batch_size=128", "run.progress=false", "run.tensorboard=false",
-            "run.sample_n=16", "data.n=4096", "run.sample_steps=[1]"]
+            "run.sample_n=16", "data.n=4096", "run.sample_steps=[1]", "train.threads=1", "net.hidden=128",
+            "net.depth=3", "train.ema=[0.99]"]
     cfg = load_config("configs/sct_toy.yaml", over + [f"run.dir={tmp_path / 'a'}"])
     untrained_cfg = load_config("configs/sct_toy.yaml", over + ["train.steps=1", f"run.dir={tmp_path / 'b'}"])
     train(cfg)
@@ -341,8 +343,9 @@ def test_sct_on_eight_gaussians_beats_untrained(tmp_path):
         run = load(tmp_path / k)
         for steps in (1, 2):
             swd[k].append(sliced_wasserstein(run.sample(1000, steps, data_space=False), data))
-    assert swd["a"][0] < 0.4 * swd["b"][0], swd
-    assert swd["a"][1] < 0.4 * swd["b"][1], swd
+    # measured once on a loaded CPU: 1-step 0.256 vs 0.888, 2-step 0.267 vs 0.739
+    assert swd["a"][0] < 0.5 * swd["b"][0], swd
+    assert swd["a"][1] < 0.5 * swd["b"][1], swd
 
 
 # ----------------------------------------------------------------------------
