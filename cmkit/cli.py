@@ -135,8 +135,171 @@ def add_edit(sub) -> None:
     p.set_defaults(func=cmd_edit)
 
 
+def _data_config(config: str | None, overrides: list[str]):
+    """The data section of a YAML config with data.key=value overrides (other sections are ignored)."""
+    from cmkit.config import ConfigError, load_config
+
+    if config is not None and "=" in config and not Path(config).is_file():  # no config file, only overrides
+        config, overrides = None, [config, *overrides]
+    bad = [o for o in overrides if not o.strip().startswith("data.")]
+    if bad:
+        raise ConfigError(f"only data.key=value overrides apply here, got {', '.join(bad)}")
+    return load_config(config, overrides)
+
+
+def cmd_train_ae(args) -> int:
+    import dataclasses
+    import json
+
+    from cmkit.config import ConfigError
+    from cmkit.data import load_dataset
+    from cmkit.latent.autoencoder import AEConfig, save_autoencoder, train_autoencoder
+
+    data = dataclasses.replace(_data_config(args.config, args.overrides).data, vae="")
+    ds = load_dataset(data)
+    if ds.kind != "image":
+        raise ConfigError(f"cmkit train-ae needs image data, but data.name={data.name} holds vectors")
+    cfg = AEConfig(in_channels=ds.shape[0], latent_channels=args.latent_channels, channels=args.channels,
+                   levels=args.levels, blocks=args.blocks, kl_weight=args.kl_weight)
+    try:
+        model, summary = train_autoencoder(ds.x, cfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                           seed=args.seed, device=args.device, log_every=args.log_every)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    summary["data"] = dataclasses.asdict(data)
+    summary["latent_shape"] = [cfg.latent_channels, ds.shape[1] // 2**cfg.levels, ds.shape[2] // 2**cfg.levels]
+    out = save_autoencoder(model, args.out, summary)
+    print(json.dumps({k: summary[k] for k in ("reconstruction_mse", "latent_shape", "train_seconds")}))
+    print(f"cmkit: autoencoder written to {out}; train on its latents with data.vae={out}")
+    return 0
+
+
+def add_train_ae(sub) -> None:
+    p = sub.add_parser("train-ae", help="train cmkit's small KL autoencoder on image data (for latent training)")
+    p.add_argument("config", nargs="?", help="YAML config whose data section is used (optional)")
+    p.add_argument("overrides", nargs="*", help="data.key=value, e.g. data.name=mnist data.pad_to=32")
+    p.add_argument("--out", required=True, help="directory for cmkit_ae.json and weights.safetensors")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--latent-channels", type=int, default=4)
+    p.add_argument("--channels", type=int, default=16, help="width of the first level")
+    p.add_argument("--blocks", type=int, default=0, help="residual blocks per level")
+    p.add_argument("--levels", type=int, default=2, help="downsamplings (latent side = side / 2**levels)")
+    p.add_argument("--kl-weight", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--log-every", type=int, default=500)
+    p.set_defaults(func=cmd_train_ae)
+
+
+def cmd_inspect_data(args) -> int:
+    import dataclasses
+    import json
+
+    import torch
+
+    from cmkit.data import load_dataset
+    from cmkit.latent.stats import format_stats, outlier_stats, td_values
+
+    report: dict = {}
+    if args.run is None or args.config is not None or args.overrides:
+        data = _data_config(args.config, args.overrides).data
+        pixels = load_dataset(dataclasses.replace(data, vae=""))
+        report["pixel"] = outlier_stats(pixels.x)
+        if data.vae:
+            report["latent"] = outlier_stats(load_dataset(data).x)
+    if args.run is not None:
+        from cmkit.run import load
+
+        run = load(args.run, device=args.device)
+        m = run.cfg.method
+        x0 = run.dataset.x[torch.randperm(len(run.dataset), generator=torch.Generator().manual_seed(args.seed))[:args.n]]
+        td = td_values(run.model(ema=not args.no_ema), x0, num_scales=args.td_steps, sigma_min=m.sigma_min,
+                       sigma_max=m.sigma_max, rho=getattr(m, "rho", 7.0),
+                       schedule=getattr(m, "noise_schedule", "lognormal"), p_mean=getattr(m, "p_mean", -1.1),
+                       p_std=getattr(m, "p_std", 2.0), seed=args.seed)
+        report[f"td_N{args.td_steps}"] = outlier_stats(td)
+    for name, s in report.items():
+        print(format_stats(name, s))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"cmkit: statistics written to {args.json}")
+    return 0
+
+
+def add_inspect_data(sub) -> None:
+    p = sub.add_parser("inspect-data", help="outlier statistics (iLCT Fig. 1) of pixel/latent data and TD values")
+    p.add_argument("config", nargs="?", help="YAML config whose data section is inspected (with data.vae: also latents)")
+    p.add_argument("overrides", nargs="*", help="data.key=value")
+    p.add_argument("--run", default=None, help="run directory: also the TD values of its model on its training data")
+    p.add_argument("--td-steps", type=int, default=21, help="N of the grid for TD values (iLCT Fig. 1: 21)")
+    p.add_argument("--n", type=int, default=2000, help="data points for TD values")
+    p.add_argument("--no-ema", action="store_true", help="TD of the raw student instead of the EMA model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, help="also write the statistics to this JSON file")
+    p.set_defaults(func=cmd_inspect_data)
+
+
+def cmd_eval(args) -> int:
+    from cmkit.evaluation import evaluate_run, format_table
+
+    report = evaluate_run(args.run, args.steps, args.n, features=args.features, k=args.k, seed=args.seed,
+                          inception_weights=args.inception_weights, reference=args.reference,
+                          checkpoint=args.checkpoint, device=args.device, ema=not args.no_ema, out=args.out)
+    p = report["protocol"]
+    print(f"cmkit eval: {args.run} at {p['nimg']} images, {p['n_generated']} samples vs {p['reference']['n']} "
+          f"reference ({p['reference']['split']} split), features {p['features']}, k={p['k']}, seed {p['seed']}")
+    print(format_table(report))
+    print(f"cmkit: metrics written to {args.out or Path(args.run) / 'metrics.json'}")
+    return 0
+
+
+def add_eval(sub) -> None:
+    from cmkit.evaluation import FEATURES
+
+    p = sub.add_parser("eval", help="FD, precision/recall (SWD, MMD for vectors) at several step counts")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="sampling step counts (default: eval.steps)")
+    p.add_argument("--n", type=int, default=None, help="generated samples per step count (default: eval.n)")
+    p.add_argument("--features", choices=FEATURES, default=None,
+                   help="auto: bundled classifier (mnist, digits), raw (vectors), else inception")
+    p.add_argument("--inception-weights", default=None, help="local weights-inception-2015-12-05-6726825d.pth")
+    p.add_argument("--reference", choices=["train", "test", "all"], default=None, help="reference split (default test)")
+    p.add_argument("--k", type=int, default=None, help="nearest neighbours for precision/recall (default 3)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", default=None, help="JSON file (default RUN/metrics.json)")
+    p.add_argument("--no-ema", action="store_true", help="evaluate the raw student weights")
+    p.add_argument("--checkpoint", default=None, help="a specific checkpoint file")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_plot(args) -> int:
+    from cmkit.evaluation.plot import plot_curves
+
+    out = plot_curves(args.runs, args.out, metric=args.metric, steps=args.steps, labels=args.labels,
+                      logy=args.logy, title=args.title)
+    print(f"cmkit: {args.metric} curves of {len(args.runs)} run(s) written to {out}")
+    return 0
+
+
+def add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="FD (or another eval metric) vs images seen of several runs, one PNG")
+    p.add_argument("runs", nargs="+", help="run directories trained with eval.every_nimg > 0")
+    p.add_argument("--out", required=True, help="PNG file")
+    p.add_argument("--metric", default="fd", help="fd, precision, recall, swd, mmd (logged as eval/<metric>_<K>step)")
+    p.add_argument("--steps", type=int, nargs="+", default=[1], help="step counts to draw")
+    p.add_argument("--labels", nargs="+", default=None, help="legend names, one per run")
+    p.add_argument("--logy", action="store_true", help="logarithmic y axis")
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=cmd_plot)
+
+
 # Explicit list of subcommand builders (STYLE 10).
-COMMANDS = [add_train, add_sample, add_edit]
+COMMANDS = [add_train, add_sample, add_edit, add_train_ae, add_inspect_data, add_eval, add_plot]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,6 +37,7 @@ class DataConfig:
     labels: bool = False  # keep class labels (class-conditional training)
     cache_dir: str = "~/.cache/cmkit"  # parsed bundled data is cached here
     seed: int = 0  # seed of the toy sets and of the train/test split
+    vae: str = ""  # autoencoder directory (cmkit train-ae or diffusers AutoencoderKL): train on its latents
 
 
 @dataclass

@@ -271,6 +271,8 @@ def test_unet_builds_with_each_norm(kind):
     net = build_network(cfg.net, (4, 8, 8), 0)
     out = net(torch.randn(2, 4, 8, 8), torch.zeros(2))
     assert out.shape == (2, 4, 8, 8)
+    out.square().sum().backward()  # every norm's parameters get finite gradients
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for n, p in net.named_parameters() if "norm" in n)
     if kind == "nsln":
         norm_params = [n for n, _ in net.named_parameters() if "norm" in n]
         assert norm_params and all(n.endswith("bias") for n in norm_params)

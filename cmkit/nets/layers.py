@@ -121,7 +121,9 @@ class NonScalingLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.group_norm(x.contiguous(), 1, None, self.bias, self.eps)
+        # β added outside: group_norm's backward fails with weight=None and a bias (torch 2.13).
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return F.group_norm(x.contiguous(), 1, None, None, self.eps) + self.bias.reshape(shape)
 
 
 class InstanceNorm(nn.Module):
