@@ -163,6 +163,15 @@ def reference_dataset(data_cfg, split: str):
     return load_dataset(cfg)
 
 
+def data_fingerprint(dataset) -> str:
+    """sha256 of the dataset's content and of its normalisation (data space = x·std + mean for vectors)."""
+    h = hashlib.sha256(dataset.fingerprint().encode())
+    for t in (getattr(dataset, "mean", None), getattr(dataset, "std", None)):
+        if t is not None:
+            h.update(t.detach().cpu().double().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def reference_key(fingerprint: str, extractor: Extractor, n_ref: int, seed: int) -> str:
     """sha256 over everything the reference features depend on."""
     parts = {"version": CACHE_VERSION, "data": fingerprint, "extractor": extractor.name,
@@ -178,7 +187,7 @@ def reference_features(dataset, extractor: Extractor, cache_dir: str | None, n_r
     changed data or weights miss the cache and are recomputed. Returns the features and a dict
     with the key, the cache path and whether it was a hit.
     """
-    fingerprint = dataset.fingerprint()
+    fingerprint = data_fingerprint(dataset)
     key = reference_key(fingerprint, extractor, n_ref, seed)
     path = Path(cache_dir).expanduser() / "eval" / f"ref_{key[:32]}.npz" if cache_dir else None
     if path is not None and path.is_file():

@@ -1,0 +1,367 @@
+"""Evaluation: metrics against independent computations, extractors, reference cache, eval/plot commands."""
+
+import json
+import socket
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.stats
+import torch
+
+from cmkit.config import ConfigError, DataConfig, load_config
+from cmkit.evaluation import Evaluator, evaluate_run
+from cmkit.evaluation import features as feat
+from cmkit.evaluation.classifier import CLASSIFIERS, WEIGHTS_DIR, centre_crop, load_classifier
+from cmkit.evaluation.metrics import (
+    feature_statistics, frechet_distance, knn_radii, mmd, precision_recall, sliced_wasserstein, wasserstein_1d,
+)
+
+
+def random_spd(d, rng):
+    a = rng.standard_normal((d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+# ----------------------------------------------------------------------------
+# Fréchet distance.
+
+
+def test_fd_matches_scipy_sqrtm():
+    rng = np.random.default_rng(0)
+    for d in (1, 5, 32):
+        mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+        s1, s2 = random_spd(d, rng), random_spd(d, rng)
+        covmean = scipy.linalg.sqrtm(s1 @ s2).real
+        expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean)
+        assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8, abs=1e-10)
+
+
+def test_fd_closed_forms():
+    rng = np.random.default_rng(1)
+    mu, s = rng.standard_normal(16), random_spd(16, rng)
+    assert frechet_distance(mu, s, mu, s) == pytest.approx(0.0, abs=1e-9)
+    # 1-D Gaussians: (μ1 - μ2)² + (σ1 - σ2)².
+    assert frechet_distance([1.0], [[4.0]], [-2.0], [[0.25]]) == pytest.approx(9.0 + 1.5**2)
+    # Isotropic: ||Δμ||² + d (σ1 - σ2)².
+    d = 7
+    assert frechet_distance(np.zeros(d), 9 * np.eye(d), np.ones(d), np.eye(d)) == pytest.approx(d + d * 4.0)
+
+
+def test_feature_statistics_unbiased_covariance():
+    x = np.array([[0.0, 1.0], [2.0, 1.0], [4.0, 4.0]])
+    mu, sigma = feature_statistics(x)
+    np.testing.assert_allclose(mu, [2.0, 2.0])
+    np.testing.assert_allclose(sigma, [[4.0, 3.0], [3.0, 3.0]])  # by hand, n - 1 = 2
+
+
+# ----------------------------------------------------------------------------
+# Precision and recall.
+
+
+def test_precision_recall_hand_values():
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    # k=1: every real radius is 1; fake 0.5 lies inside, 10 does not -> precision 1/2.
+    # Fake radii (k=1) are |10 - 0.5| = 9.5, so every real point is covered -> recall 1.
+    assert knn_radii(real, 1).tolist() == [1.0, 1.0, 1.0, 1.0]
+    p, r = precision_recall(real, torch.tensor([[0.5], [10.0]]), k=1)
+    assert (p, r) == (0.5, 1.0)
+    # k=2 on real: radii [2, 1, 1, 2]. Fake {-1.5, 5.5, 5.6}: -1.5 is 1.5 from 0 (radius 2) -> in;
+    # 5.5 is 2.5 from 3 (radius 2) -> out; 5.6 out -> precision 1/3. Fake radii (k=2): 7.1, 7.0, 7.1;
+    # every real point is within 7 of -1.5 -> recall 1.
+    p, r = precision_recall(real, torch.tensor([[-1.5], [5.5], [5.6]]), k=2)
+    assert p == pytest.approx(1 / 3) and r == 1.0
+
+
+def test_precision_recall_self_and_far_cluster():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 8, generator=g)
+    assert precision_recall(x, x, k=3) == (1.0, 1.0)
+    y = torch.randn(600, 8, generator=g)  # a fresh draw of the same distribution
+    p, r = precision_recall(x, y, k=3)
+    assert p > 0.7 and r > 0.7
+    far = torch.randn(600, 8, generator=g) + 50.0
+    assert precision_recall(x, far, k=3) == (0.0, 0.0)
+
+
+# ----------------------------------------------------------------------------
+# SWD and MMD.
+
+
+def test_wasserstein_1d_matches_scipy_for_unequal_sizes():
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal(137), rng.exponential(size=59)
+    got = wasserstein_1d(torch.tensor(a)[:, None], torch.tensor(b)[:, None]).item()
+    assert got == pytest.approx(scipy.stats.wasserstein_distance(a, b), rel=1e-10)
+    # In one dimension every direction is ±1, so SWD is W1.
+    assert sliced_wasserstein(a[:, None], b[:, None], n_proj=8) == pytest.approx(got, rel=1e-10)
+
+
+def test_swd_of_a_shift_and_identical_sets():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(500, 2, generator=g, dtype=torch.float64)
+    assert sliced_wasserstein(x, x) == pytest.approx(0.0, abs=1e-12)
+    m = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    # A shift moves every projection by θ·m: SW1 = E|θ·m| = |m|·E|cos φ| = 5·2/π in 2-D.
+    assert sliced_wasserstein(x, x + m, n_proj=4096) == pytest.approx(5 * 2 / np.pi, rel=0.03)
+    assert sliced_wasserstein(x, 2 * x) > 0.1
+
+
+def test_mmd_gaussian_closed_form_and_identity():
+    # Population MMD² of N(0, s²I) vs N(δ, s²I), kernel exp(-|x-y|²/2h²), in d dims:
+    # 2 c (1 - exp(-|δ|² / 2(h² + 2s²))), c = (h² / (h² + 2 s²))^(d/2).
+    g = torch.Generator().manual_seed(4)
+    d, s, h, n = 2, 1.0, 1.5, 3000
+    delta = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    a = s * torch.randn(n, d, generator=g, dtype=torch.float64)
+    b = s * torch.randn(n, d, generator=g, dtype=torch.float64) + delta
+    c = (h**2 / (h**2 + 2 * s**2)) ** (d / 2)
+    expected = 2 * c * (1 - np.exp(-delta.square().sum().item() / (2 * (h**2 + 2 * s**2))))
+    assert mmd(a, b, h) == pytest.approx(expected, rel=0.1)
+    assert abs(mmd(a, a, h)) < 1e-3
+    assert abs(mmd(a, s * torch.randn(n, d, generator=g, dtype=torch.float64), h)) < 0.01 * expected
+
+
+def test_mmd_matches_double_loop():
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(7, 3, generator=g).double(), torch.randn(5, 3, generator=g).double() + 1
+    h = 0.8
+
+    def k(x, y):
+        return float(np.exp(-np.sum((x - y) ** 2) / (2 * h * h)))
+
+    A, B = a.numpy(), b.numpy()
+    kaa = sum(k(A[i], A[j]) for i in range(7) for j in range(7) if i != j) / 42
+    kbb = sum(k(B[i], B[j]) for i in range(5) for j in range(5) if i != j) / 20
+    kab = sum(k(A[i], B[j]) for i in range(7) for j in range(5)) / 35
+    assert mmd(a, b, h) == pytest.approx(kaa + kbb - 2 * kab, rel=1e-10)
+
+
+# ----------------------------------------------------------------------------
+# Committed classifiers.
+
+
+@pytest.mark.parametrize("name,min_acc", [("mnist", 0.97), ("digits", 0.97)])
+def test_committed_classifier_reaches_stated_accuracy(name, min_acc):
+    from cmkit.data import load_dataset
+
+    path = WEIGHTS_DIR / CLASSIFIERS[name][0]
+    assert path.stat().st_size < 2_000_000
+    net, info = load_classifier(path)
+    ds = load_dataset(DataConfig(name=name, split="test", labels=True, seed=0))
+    x = centre_crop(ds.to_data_space(ds.x), CLASSIFIERS[name][1])
+    with torch.no_grad():
+        acc = (net(x).argmax(1) == ds.labels).double().mean().item()
+    assert acc >= min_acc
+    assert acc == pytest.approx(info["heldout_accuracy"], abs=1e-4)  # the number stated in the file and docs
+    assert info["n_heldout"] == len(ds)
+
+
+def test_classifier_crops_padded_mnist_identically():
+    ex = feat.classifier_extractor("mnist")
+    x = torch.rand(4, 1, 28, 28)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))  # data.pad_to=32 adds a black (0) border
+    torch.testing.assert_close(ex(padded), ex(x))
+
+
+def fd_of(evaluator, x):
+    return evaluator.metrics(x)["fd"]
+
+
+def test_fd_grows_with_noise_and_shift_on_digits(tmp_path):
+    from cmkit.data import load_dataset
+
+    cfg = load_config(None, ["data.name=digits", f"data.cache_dir={tmp_path}"])
+    ev = Evaluator(cfg)
+    assert ev.extractor.name == "digits-cnn"
+    train = load_dataset(replace(cfg.data, split="train"))
+    x = train.to_data_space(train.x)[:800]  # a copy of the data (train split) vs the test split
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(x.shape, generator=g)
+    noisy = [fd_of(ev, (x + s * z).clamp(0, 1)) for s in (0.0, 0.15, 0.4, 0.8)]
+    assert all(a < b for a, b in zip(noisy, noisy[1:])), noisy
+    shifted = [fd_of(ev, torch.roll(x, s, dims=-1)) for s in (0, 1, 2)]
+    assert all(a < b for a, b in zip(shifted, shifted[1:])), shifted
+
+
+def test_fd_grows_with_shift_on_vectors(tmp_path):
+    cfg = load_config(None, ["data.name=two_moons", "data.n=4000", f"data.cache_dir={tmp_path}"])
+    ev = Evaluator(cfg)
+    assert ev.extractor.name == "raw" and ev.low_dim
+    ref = torch.as_tensor(ev.ref_feats)
+    values = [ev.metrics(ref + torch.tensor([s, 0.0])) for s in (0.0, 0.25, 0.5, 1.0)]
+    fds = [v["fd"] for v in values]
+    assert fds[0] == pytest.approx(0.0, abs=1e-9)
+    # A pure mean shift by s changes FD by exactly s² (the covariances are equal).
+    np.testing.assert_allclose(fds, [0.0, 0.0625, 0.25, 1.0], atol=1e-9)
+    assert values[0]["precision"] == 1.0 and values[0]["recall"] == 1.0
+    assert all(a["swd"] < b["swd"] and a["mmd"] < b["mmd"] for a, b in zip(values, values[1:]))
+
+
+# ----------------------------------------------------------------------------
+# Reference cache.
+
+
+def test_reference_cache_hit_and_invalidated_when_data_change(tmp_path):
+    from cmkit.data import load_dataset
+
+    path = tmp_path / "points.npy"
+    rng = np.random.default_rng(0)
+    np.save(path, rng.standard_normal((200, 3)))
+    data_cfg = DataConfig(name="array", path=str(path), split="test", cache_dir=str(tmp_path / "cache"))
+    calls = []
+    raw = feat.raw_extractor()
+    counting = feat.Extractor("raw", "", lambda x: (calls.append(len(x)), x.reshape(len(x), -1))[1])
+
+    f1, c1 = feat.reference_features(load_dataset(data_cfg), counting, data_cfg.cache_dir)
+    f2, c2 = feat.reference_features(load_dataset(data_cfg), counting, data_cfg.cache_dir)
+    assert (c1["cache_hit"], c2["cache_hit"]) == (False, True) and len(calls) == 1
+    np.testing.assert_array_equal(f1, f2)
+
+    points = np.load(path)
+    np.save(path, points + 5.0)  # same normalised values, different data: the cache must still miss
+    f3, c3 = feat.reference_features(load_dataset(data_cfg), counting, data_cfg.cache_dir)
+    assert not c3["cache_hit"] and c3["key"] != c1["key"] and len(calls) == 2
+    np.testing.assert_allclose(f3, f1 + 5.0, rtol=1e-5)
+    points[0, 0] += 1.0  # one value changes
+    np.save(path, points)
+    _, c4 = feat.reference_features(load_dataset(data_cfg), counting, data_cfg.cache_dir)
+    assert not c4["cache_hit"] and c4["key"] not in (c1["key"], c3["key"])
+    # A different extractor (weights hash) does not share the entry either.
+    assert feat.reference_key(c3["data_sha256"], replace(raw, weights_sha256="x"), 0, 0) != c3["key"]
+
+
+# ----------------------------------------------------------------------------
+# Inception: clear errors, never a download.
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("evaluation attempted a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+def test_inception_errors_are_clear_and_offline(tmp_path, monkeypatch, no_network):
+    with pytest.raises(ConfigError, match=r"eval.inception_weights=PATH.*never downloads"):
+        feat.build_extractor("inception", "folder", "image", "")
+    with pytest.raises(ConfigError, match=r"is not a file.*cmkit\[fid\]"):
+        feat.build_extractor("inception", "folder", "image", str(tmp_path / "missing.pth"))
+    weights = tmp_path / feat.INCEPTION_FILE
+    weights.write_bytes(b"not used")
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # not installed
+    with pytest.raises(ConfigError, match=r"torch-fidelity is not installed.*cmkit\[fid\].*--inception-weights"):
+        feat.build_extractor("auto", "folder", "image", str(weights))
+
+
+def test_inception_loads_local_path_when_torchvision_is_broken(tmp_path, monkeypatch, no_network):
+    # A stand-in torch_fidelity whose package __init__ fails like it does without a working torchvision;
+    # its Inception module records the weights path it is given.
+    pkg = tmp_path / "site" / "torch_fidelity"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    (pkg / "feature_extractor_inceptionv3.py").write_text(
+        "import torch\n"
+        "class FeatureExtractorInceptionV3(torch.nn.Module):\n"
+        "    seen = {}\n"
+        "    def __init__(self, name, features_list, feature_extractor_weights_path=None):\n"
+        "        super().__init__()\n"
+        "        assert feature_extractor_weights_path is not None, 'would download'\n"
+        "        type(self).seen['path'] = feature_extractor_weights_path\n"
+        "    def forward(self, x):\n"
+        "        assert x.dtype == torch.uint8 and x.shape[1] == 3\n"
+        "        return (x.float().mean(dim=(2, 3)).repeat(1, 10),)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "torch_fidelity", raising=False)
+    monkeypatch.delitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", raising=False)
+    weights = tmp_path / feat.INCEPTION_FILE
+    weights.write_bytes(b"weights")
+    ex = feat.build_extractor("inception", "folder", "image", str(weights))
+    cls = sys.modules["torch_fidelity.feature_extractor_inceptionv3"].FeatureExtractorInceptionV3
+    assert cls.seen["path"] == str(weights)
+    assert ex.name == "inception-v3" and len(ex.weights_sha256) == 64
+    out = ex(torch.full((2, 1, 8, 8), 0.5))  # greyscale is repeated to RGB, scaled to uint8 0..255
+    assert out.shape == (2, 30) and torch.all(out == 128.0)
+
+
+def test_unknown_features_and_bad_config_fail_early():
+    with pytest.raises(ConfigError, match="auto, classifier, inception, raw"):
+        feat.build_extractor("clip", "mnist", "image")
+    with pytest.raises(ConfigError, match="no bundled classifier"):
+        feat.build_extractor("classifier", "folder", "image")
+
+
+# ----------------------------------------------------------------------------
+# End to end: train a tiny toy run with periodic evaluation, then eval and plot it.
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    from cmkit.train import train
+
+    root = tmp_path_factory.mktemp("evalrun")
+    return train(load_config("configs/ict_toy.yaml", toy_overrides(root / "run", root / "cache", 2560)))
+
+
+def toy_overrides(run_dir, cache_dir, every_nimg):
+    return [
+        "net.hidden=32", "net.depth=2", "train.steps=40", "train.batch_size=128", "train.ema=0.9",
+        "data.n=2000", f"data.cache_dir={cache_dir}", f"run.dir={run_dir}", "run.progress=false",
+        "run.tensorboard=false", "run.log_every=20", "run.sample_n=16", f"eval.every_nimg={every_nimg}", "eval.n=200",
+        "train.threads=1",
+    ]
+
+
+def test_periodic_eval_does_not_change_training(toy_run, tmp_path):
+    from cmkit.checkpoint import latest_checkpoint
+    from cmkit.train import train
+
+    plain = train(load_config("configs/ict_toy.yaml", toy_overrides(tmp_path / "run", toy_run.parent / "cache", 0)))
+    a, b = latest_checkpoint(toy_run / "checkpoints")[1], latest_checkpoint(plain / "checkpoints")[1]
+    for key, value in a["ema"]["0"].items():
+        torch.testing.assert_close(b["ema"]["0"][key], value, rtol=0, atol=0)
+
+
+def test_periodic_eval_is_logged(toy_run):
+    records = [json.loads(line) for line in (toy_run / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/fd_1step" in r]
+    assert [r["nimg"] for r in evals] == [2560, 5120]
+    assert {"eval/precision_2step", "eval/recall_1step", "eval/swd_1step", "eval/mmd_2step"} <= set(evals[0])
+
+
+def test_evaluate_run_writes_protocol_and_metrics(toy_run):
+    report = evaluate_run(toy_run, steps=[1, 2], n=300)
+    saved = json.loads((toy_run / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    p = saved["protocol"]
+    assert p["features"] == "raw" and p["k"] == 3 and p["seed"] == 0 and p["n_generated"] == 300
+    assert p["reference"]["split"] == "test" and p["reference"]["n"] == 200 and len(p["reference"]["data_sha256"]) == 64
+    for k in ("1", "2"):
+        row = saved["steps"][k]
+        assert row["nfe"] == int(k)  # counted at the model, not assumed
+        assert {"fd", "precision", "recall", "swd", "mmd", "sec_per_sample"} <= set(row)
+        assert 0 <= row["precision"] <= 1 and row["fd"] >= 0
+    # Same seed, same numbers.
+    again = evaluate_run(toy_run, steps=[1], n=300, out=toy_run / "again.json")
+    assert again["steps"]["1"]["fd"] == saved["steps"]["1"]["fd"]
+
+
+def test_cli_eval_and_plot(toy_run, tmp_path, capsys):
+    from cmkit.cli import main
+
+    assert main(["eval", str(toy_run), "--steps", "1", "--n", "200", "--out", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "precision" in out and "swd" in out and (tmp_path / "m.json").is_file()
+    png = tmp_path / "curves.png"
+    assert main(["plot", str(toy_run), str(toy_run), "--labels", "a", "b", "--steps", "1", "2", "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(toy_run), "--metric", "nonsense", "--out", str(png)]) == 2
+    assert "logged: eval/fd_1step" in capsys.readouterr().err
+    assert main(["eval", str(toy_run), "--features", "inception"]) == 2
+    assert "cmkit[fid]" in capsys.readouterr().err
