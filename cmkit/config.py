@@ -109,7 +109,20 @@ class EvalConfig:
     every_nimg: int = 0  # evaluate during training every this many images; 0 = off
     n: int = 1000  # generated samples per evaluation
     steps: list[int] = field(default_factory=lambda: [1, 2])
-    features: str = "auto"
+    features: str = "auto"  # auto | classifier | inception | raw (see cmkit.evaluation.features)
+    reference: str = "test"  # data split the samples are compared with (train | test | all)
+    n_ref: int = 0  # reference samples (a seeded subset); 0 = the whole split
+    k: int = 3  # nearest neighbours of the precision/recall manifolds (Kynkäänniemi et al. 2019)
+    seed: int = 0  # seed of the generated samples and of the random projections
+    inception_weights: str = ""  # local weights-inception-2015-12-05-6726825d.pth for features=inception
+
+    def validate(self) -> None:
+        if self.reference not in ("train", "test", "all"):
+            raise ValueError(f"eval.reference='{self.reference}' is not valid. Choose one of: train, test, all")
+        if self.k < 1 or self.n <= self.k:
+            raise ValueError(f"eval.k={self.k} must be >= 1 and eval.n={self.n} larger than it (precision/recall)")
+        if self.every_nimg < 0 or self.n_ref < 0:
+            raise ValueError("eval.every_nimg and eval.n_ref must be >= 0")
 
 
 FIXED_SECTIONS: dict[str, type] = {
