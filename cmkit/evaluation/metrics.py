@@ -6,8 +6,6 @@ the feature extractor (``features.py``) comes first.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -163,7 +161,3 @@ def mmd(a, b, bandwidth: float) -> float:
     kbb = kernel_sum(b, b, True) / (m * (m - 1))
     kab = kernel_sum(a, b, False) / (n * m)
     return kaa + kbb - 2 * kab
-
-
-def is_finite_number(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
