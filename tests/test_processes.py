@@ -29,7 +29,9 @@ def test_diffusion_scalings_edm():
     c_skip, c_out, c_in, c_noise = p.scalings(t, "diffusion")
     assert c_skip.item() == pytest.approx(0.25 / 4.25)
     assert c_out.item() == pytest.approx(2 * 0.5 / 4.25 ** 0.5)
-    assert c_noise.item() == pytest.approx(250 * torch.log(t).item())
+    assert c_noise.item() == pytest.approx(torch.log(t).item())  # default c_noise_scale 1: ln σ
+    c_noise_adm = VEProcess(c_noise_scale=250.0).scalings(t, "diffusion")[3]
+    assert c_noise_adm.item() == pytest.approx(250 * torch.log(t).item())  # ADM's 250·ln σ
 
 
 class Wild(nn.Module):

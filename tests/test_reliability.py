@@ -317,15 +317,18 @@ def slow(path, data):
             f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
         open(os.environ["CMKIT_TEST_MARKER"], "w").close()
         time.sleep(120)
-    return original(path, data)
+    result = original(path, data)
+    time.sleep(float(os.environ.get("CMKIT_TEST_SAVE_DELAY", "0")))  # keeps a short run killable
+    return result
 C.atomic_write_bytes = slow
 from cmkit.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def _spawn(tmp_path, args, slow_save=0):
+def _spawn(tmp_path, args, slow_save=0, save_delay=0.0):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CMKIT_TEST_SLOW_SAVE": str(slow_save),
+           "CMKIT_TEST_SAVE_DELAY": str(save_delay),
            "CMKIT_TEST_MARKER": str(tmp_path / "in_save")}
     return subprocess.Popen([sys.executable, "-c", SLOW_SAVE, "train", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -355,7 +358,8 @@ def test_kill9_at_random_moments_and_during_save_then_exact_resume(tmp_path):
         before = latest_checkpoint(run / "checkpoints") if (run / "checkpoints").is_dir() else None
         step0 = before[2]["step"] if before else 0
         (tmp_path / "in_save").unlink(missing_ok=True)
-        proc = _spawn(tmp_path, args + [f"run.dir={run}"], slow_save=3 if kind == "save" else 0)
+        # Each save then takes >= 0.1 s, so 30 steps outlast the random 0-0.3 s wait on a fast machine.
+        proc = _spawn(tmp_path, args + [f"run.dir={run}"], slow_save=3 if kind == "save" else 0, save_delay=0.1)
         if kind == "save":
             assert _wait_for(lambda: (tmp_path / "in_save").exists()), proc.communicate()
         else:

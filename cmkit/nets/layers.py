@@ -149,7 +149,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        ms = x.float().square().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+        ms = x.to(torch.promote_types(x.dtype, torch.float32)).square().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
         w = self.weight.reshape(1, -1, *([1] * (x.ndim - 2)))
         return (x * torch.rsqrt(ms + self.eps)).to(x.dtype) * w
 
