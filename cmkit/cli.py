@@ -316,7 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may also follow options (`cmkit train CFG --force train.steps=10`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error("unrecognized arguments: " + " ".join(extra))
     try:
         return args.func(args)
     except _user_errors() as e:

@@ -76,6 +76,15 @@ def test_cli_train_then_sample(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def test_cli_overrides_may_follow_options(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "configs/ict_toy.yaml", "--force", *TINY, "train.steps=3", f"run.dir={run}"]) == 0
+    assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["step"] == 3
+    with pytest.raises(SystemExit):  # an unknown option is still an error, not an override
+        main(["train", "configs/ict_toy.yaml", "--forse", f"run.dir={run}"])
+    assert "unrecognized arguments: --forse" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_ict_learns_eight_gaussians(tmp_path):
     # A short iCT run: one-step samples must be much closer to the data than the untrained model's.
