@@ -44,7 +44,7 @@ def cmd_sample(args) -> int:
 
         raise ConfigError(f"--out '{args.out}' must end in .png (image grid) or .npz (raw samples)")
     run = load(args.run, args.checkpoint, device=args.device)
-    x = run.sample(args.n, args.steps, times=args.times, seed=args.seed, ema=not args.no_ema)
+    x = run.sample(args.n, args.steps, times=args.times, seed=args.seed, ema=not args.no_ema, guidance=args.guidance)
     save_samples(x, args.out, run.dataset.kind)
     print(f"cmkit: {args.n} samples ({args.steps}-step) written to {args.out}")
     return 0
@@ -68,6 +68,8 @@ def add_sample(sub) -> None:
     p.add_argument("--out", required=True, help=".png grid or .npz (array 'samples', data space)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw student weights")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale w of an sCD student trained with net.guidance_cond=true (default: method.guidance)")
     p.add_argument("--checkpoint", default=None, help="a specific checkpoint file")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_sample)

@@ -57,6 +57,7 @@ class NetConfig:
     hidden: int = 256  # MLP width
     depth: int = 4  # MLP hidden layers
     class_cond: bool = False  # condition on class labels (needs data.labels=true)
+    guidance_cond: bool = False  # take the CFG scale w as an input (sCD with a guided teacher, sCM Sec. 5.2)
     modulation: str = "film"  # U-Net ResBlock conditioning: film (ADM AdaGN) | double_norm (sCM Sec. 4.1)
 
 

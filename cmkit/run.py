@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from cmkit.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
-from cmkit.config import from_dict
+from cmkit.config import ConfigError, from_dict
 from cmkit.data import load_dataset
 from cmkit.ema import EMA
 from cmkit.objectives import build_objective
@@ -54,13 +54,20 @@ class Run:
 
     def sample(self, n: int, steps: int = 1, *, times: list[float] | None = None, seed: int = 0,
                ema: bool = True, data_space: bool = True, batch_size: int = 256,
-               class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """n samples with a K-step sampler (times default to the method's), in data space by default."""
+               class_labels: torch.Tensor | None = None, guidance: float | None = None) -> torch.Tensor:
+        """n samples with a K-step sampler (times default to the method's), in data space by default.
+
+        ``guidance``: the CFG scale w of a guidance-conditional sCD student (default: its method.guidance).
+        """
         times = times or self.objective.sample_times(steps)
         if class_labels is None and self.cfg.net.class_cond:
             class_labels = torch.arange(n) % self.dataset.num_classes
+        if guidance is not None and not self.cfg.net.guidance_cond:
+            raise ConfigError("a guidance scale needs a student trained with net.guidance_cond=true (sCD with CFG)")
+        guidance = self.objective.sample_guidance if guidance is None else guidance
         x = sample_batched(self.model(ema), n, self.dataset.shape, times, sampler=self.objective.sampler,
-                           seed=seed, device=self.device, batch_size=batch_size, class_labels=class_labels)
+                           seed=seed, device=self.device, batch_size=batch_size, class_labels=class_labels,
+                           guidance=guidance)
         return self.dataset.to_data_space(x) if data_space else x
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cmkit.schedules import karras_sigmas
 
@@ -188,6 +188,17 @@ def ode_times(nfe: int, sigma_min: float, sigma_max: float, rho: float, solver: 
 SAMPLERS = {"consistency": consistency_sample, "trigflow_ode": trigflow_ode_sample, "trigflow_ddim": trigflow_ddim_sample, "euler": euler_sample, "heun": heun_sample}
 
 
+class WithGuidance(nn.Module):
+    """``model(x, t, class_labels)`` that passes a fixed CFG scale w to a guidance-conditional model (sCM Sec. 5.2)."""
+
+    def __init__(self, model: nn.Module, guidance: float):
+        super().__init__()
+        self.model, self.guidance, self.process = model, float(guidance), model.process
+
+    def forward(self, x: Tensor, t, class_labels=None) -> Tensor:
+        return self.model(x, t, class_labels, guidance=self.guidance)
+
+
 @torch.no_grad()
 def sample_batched(
     model,
@@ -200,8 +211,14 @@ def sample_batched(
     seed: int = 0,
     device=None,
     class_labels: Tensor | None = None,
+    guidance: float | None = None,
 ) -> Tensor:
-    """Draw n samples in batches from a seeded generator; the same seed gives the same samples."""
+    """Draw n samples in batches from a seeded generator; the same seed gives the same samples.
+
+    ``guidance`` is the CFG scale w given to a guidance-conditional student (net.guidance_cond); None: no input.
+    """
+    if guidance is not None:
+        model = WithGuidance(model, guidance)
     device = device or next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     out = []

@@ -312,7 +312,7 @@ class Trainer:
             labels = torch.arange(n) % self.dataset.num_classes
         x = sample_batched(
             model, n, self.dataset.shape, self.objective.sample_times(steps), sampler=self.objective.sampler,
-            seed=seed, device=self.device, class_labels=labels,
+            seed=seed, device=self.device, class_labels=labels, guidance=self.objective.sample_guidance,
         )
         return self.dataset.to_data_space(x)
 

@@ -391,3 +391,203 @@ def test_trigflow_diffusion_loss_is_eq4():
         v = SD * obj.model.net(x_t / SD, t)
     target = torch.cos(t)[:, None] * SD * z - torch.sin(t)[:, None] * x0
     assert torch.allclose(out.detach(), (v - target).square().mean(1), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# sCD with a classifier-free-guided, class-conditional teacher (Sec. 5.2).
+
+K = 3  # classes of the guided toy problems
+TINY = ["net.name=mlp", "net.hidden=32", "net.depth=2", "net.embedding=positional"]
+
+
+def _teacher(class_cond=True, seed=7):
+    """A tiny (untrained, randomised) TrigFlow diffusion model, as load_teacher returns it."""
+    cfg = load_config(None, [*TINY, "method.name=trigflow", f"net.class_cond={str(class_cond).lower()}"])
+    torch.manual_seed(seed)
+    teacher = build_objective(cfg, (2,), K).model.double()
+    for p in teacher.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    teacher.class_cond = class_cond
+    return teacher.eval().requires_grad_(False)
+
+
+def _guided(guidance=1.0, guidance_range=(), guidance_cond=True, teacher=None):
+    """A class-conditional sCD student (guidance input on) with a tiny teacher attached in place of a run."""
+    import dataclasses
+
+    cfg = load_config(None, [*TINY, "method.name=sct", "net.class_cond=true",
+                             f"net.guidance_cond={str(guidance_cond).lower()}", *NO_STABILISERS])
+    cfg.method = dataclasses.replace(cfg.method, name="scd", guidance=guidance, guidance_range=list(guidance_range))
+    torch.manual_seed(0)
+    obj = build_objective(cfg, (2,), K).double()
+    torch.nn.init.normal_(obj.model.net.out.weight, std=0.3)
+    obj.set_teacher(_teacher() if teacher is None else teacher)
+    return obj
+
+
+def _guided_draw(n=8):
+    x0, z, t = _draw(n)
+    labels = torch.arange(n) % K
+    w = torch.linspace(0.0, 3.0, n, dtype=torch.float64)
+    return x0, z, t, labels, w
+
+
+def test_cfg_teacher_velocity_is_the_guided_combination():
+    obj = _guided(guidance_range=[0.0, 3.0])
+    x0, z, t, labels, w = _guided_draw()
+    x_t = obj.process.add_noise(x0, z, t)
+    v = obj.velocity(x0, z, x_t, t, labels, w)
+    # Recomputed from the teacher's backbone: F(·, c) with integer labels, F(·, ∅) with no label embedding at all.
+    net = obj.teacher.net
+    F_cond = net(x_t / SD, t, labels)
+    label_table, net.embed.label = net.embed.label, None
+    try:
+        F_null = net(x_t / SD, t)
+    finally:
+        net.embed.label = label_table
+    assert not torch.allclose(F_cond, F_null)  # the labels matter, so the check below has teeth
+    expected = SD * (F_null + w[:, None] * (F_cond - F_null))  # dx_t/dt = σ_d·F (Eq. 3), F guided (Sec. 5.2)
+    torch.testing.assert_close(v, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v[0], SD * F_null[0], rtol=1e-12, atol=1e-12)  # w = 0: the unconditional model
+
+
+def test_guidance_one_reproduces_the_unguided_tangent():
+    x0, z, t, labels, _ = _guided_draw()
+    ones = torch.ones(8, dtype=torch.float64)
+    plain, guided = _guided(), _guided(guidance_range=[1.0, 2.0])  # same seed: identical weights
+    x_t = plain.process.add_noise(x0, z, t)
+    # method.guidance=1 (the default): the teacher is asked once, as before guidance existed.
+    v_plain = plain.velocity(x0, z, x_t, t, labels, ones)
+    assert torch.equal(v_plain, plain.teacher(x_t, t, labels))
+    assert torch.equal(plain.sample_guidance_scales(8, "cpu", torch.float64), ones)
+    # guidance at w = 1 in a guided run gives the same velocity, tangent and loss (to rounding).
+    torch.testing.assert_close(guided.velocity(x0, z, x_t, t, labels, ones), v_plain, rtol=1e-12, atol=1e-13)
+    _, g_plain = plain.tangent(x_t, t, v_plain, labels, 1.0, ones)
+    _, g_guided = guided.tangent(x_t, t, guided.velocity(x0, z, x_t, t, labels, ones), labels, 1.0, ones)
+    torch.testing.assert_close(g_guided, g_plain, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(guided.consistency_loss(x0, z, t, labels, guidance=ones)["loss"],
+                               plain.consistency_loss(x0, z, t, labels, guidance=ones)["loss"], rtol=1e-10, atol=0)
+    # a student without the guidance input and an unguided teacher: the sCD of before, unchanged
+    bare = _guided(guidance_cond=False)
+    assert bare.sample_guidance_scales(8, "cpu", torch.float64) is None and bare.sample_guidance is None
+    assert torch.equal(bare.velocity(x0, z, x_t, t, labels), bare.teacher(x_t, t, labels))
+
+
+def test_guided_student_depends_on_w_and_learns_through_it():
+    from cmkit.sampling import sample_batched
+
+    obj = _guided(guidance=1.5, guidance_range=[1.0, 2.0])
+    x0, z, t, labels, _ = _guided_draw()
+    x_t = obj.process.add_noise(x0, z, t)
+    w1, w2 = torch.ones(8, dtype=torch.float64), torch.full((8,), 2.0, dtype=torch.float64)
+    embed = obj.model.net.embed.guidance
+    # The guidance embedding starts at zero (a student initialised from its teacher starts as the teacher)...
+    assert torch.equal(obj.model(x_t, t, labels, guidance=w1), obj.model(x_t, t, labels, guidance=w2))
+    # ...and the loss still reaches it: its last layer gets a gradient at once.
+    w = obj.sample_guidance_scales(8, "cpu", torch.float64)
+    assert w.min() >= 1.0 and w.max() <= 2.0 and w.unique().numel() == 8  # w ~ U[1, 2] per sample
+    obj.zero_grad(set_to_none=True)
+    obj.consistency_loss(x0, z, t, labels, guidance=w)["loss"].mean().backward()
+    assert embed[2].weight.grad.abs().sum() > 0
+    # Once trained away from zero the output depends on w, and every layer of the embedding learns.
+    torch.nn.init.normal_(embed[2].weight, std=0.3)
+    assert not torch.allclose(obj.model(x_t, t, labels, guidance=w1), obj.model(x_t, t, labels, guidance=w2))
+    obj.zero_grad(set_to_none=True)
+    obj.consistency_loss(x0, z, t, labels, guidance=w)["loss"].mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in embed.parameters())
+    # The tangent's JVP holds w fixed: it matches the finite difference of f(·, ·; w) along the trajectory.
+    dxdt = obj.velocity(x0, z, x_t, t, labels, w)
+    _, g = obj.tangent(x_t, t, dxdt, labels, 1.0, w)
+    h = 1e-5
+    fd = (obj.model(x_t + h * dxdt, t + h, labels, guidance=w) - obj.model(x_t - h * dxdt, t - h, labels, guidance=w)) / (2 * h)
+    assert (g - torch.cos(t)[:, None] * fd).norm() / g.norm() < 1e-4
+    # Sampling passes w; the default (method.guidance) is what training-time samples use.
+    assert obj.sample_guidance == 1.5
+    model = obj.model.float()
+    one_step = {s: sample_batched(model, 4, (2,), [math.pi / 2], class_labels=labels[:4], guidance=s) for s in (1.0, 2.0)}
+    noise = torch.randn((4, 2), generator=torch.Generator().manual_seed(0))
+    direct = model(SD * noise, torch.full((4,), math.pi / 2), labels[:4], guidance=2.0)
+    torch.testing.assert_close(one_step[2.0], direct)
+    assert not torch.allclose(one_step[1.0], one_step[2.0])
+    with pytest.raises(ValueError, match="guidance"):
+        model(SD * noise, torch.full((4,), math.pi / 2), labels[:4])  # a guidance-conditional net needs w
+
+
+def test_guidance_config_errors():
+    with pytest.raises(ConfigError, match="incompatible with consistency training"):
+        load_config(None, ["method.name=sct", "method.guidance=2.0"])
+    with pytest.raises(ConfigError, match="guidance_range"):
+        load_config(None, ["method.name=scd", "method.teacher=x", "method.guidance_range=[2.0, 1.0]"])
+    with pytest.raises(ConfigError, match="default sampling scale"):
+        load_config(None, ["method.name=scd", "method.teacher=x", "method.guidance=3.0", "method.guidance_range=[1, 2]"])
+    with pytest.raises(ConfigError, match="net.guidance_cond=true"):
+        _guided(guidance=2.0, guidance_cond=False)
+    with pytest.raises(ConfigError, match="class-conditional teacher"):
+        _guided(guidance_range=[1.0, 2.0], teacher=_teacher(class_cond=False))
+    with pytest.raises(ConfigError, match="class_cond"):
+        _guided(teacher=_teacher(class_cond=False))  # unguided, but the student is class-conditional
+    with pytest.raises(ConfigError, match="label_dropout"):
+        load_config(None, ["method.name=trigflow", "method.label_dropout=1.0"])
+    with pytest.raises(ConfigError, match="class-conditional"):
+        build_objective(load_config(None, [*TINY, "method.name=trigflow", "method.label_dropout=0.1"]), (2,))
+
+
+def test_trigflow_label_dropout_gives_the_null_label():
+    cfg = load_config(None, [*TINY, "method.name=trigflow", "net.class_cond=true", "method.label_dropout=0.3"])
+    obj = build_objective(cfg, (2,), K)
+    labels = torch.arange(4000) % K
+    torch.manual_seed(0)
+    dropped = obj.drop_labels(labels)
+    kept = dropped.sum(1) == 1
+    assert torch.all(dropped.sum(1)[~kept] == 0)  # a dropped label is the zero vector (the null label)
+    assert torch.equal(dropped[kept].argmax(1), labels[kept])
+    assert (~kept).float().mean().item() == pytest.approx(0.3, abs=0.03)
+    # the loss sees the dropped labels: with every label dropped it equals the loss of the null label
+    obj.cfg.label_dropout = 0.999999
+    x0 = torch.randn(16, 2)
+    torch.manual_seed(1)
+    out = obj.loss({"x": x0, "labels": labels[:16]}, Progress(0, 100, 16))["loss"]
+    torch.manual_seed(1)
+    torch.rand(16, 1)  # the dropout draw
+    t = trigflow_lognormal_times(16, -1.0, 1.4, SD)
+    z = torch.randn_like(x0)
+    with torch.no_grad():
+        v = obj.model(obj.process.add_noise(x0, z, t), t, torch.zeros(16, K))
+    torch.testing.assert_close(out.detach(), (v - obj.process.velocity_target(x0, z, t)).square().mean(1))
+
+
+def test_guided_scd_from_a_trigflow_run(tmp_path):
+    """The shared teacher loader: a class-conditional TrigFlow run (with label dropout) guides an sCD student
+    initialised from it; the student starts as the teacher for every w, and runs sample with a guidance scale."""
+    import numpy as np
+
+    from cmkit.run import load
+    from cmkit.train import train
+
+    g = np.random.default_rng(0)
+    y = np.arange(600) % K
+    np.savez(tmp_path / "d.npz", x=g.normal(size=(600, 2)) + y[:, None], y=y)
+    base = [*TINY, "data.name=array", f"data.path={tmp_path / 'd.npz'}", "data.labels=true", "net.class_cond=true",
+            "run.progress=false", "run.tensorboard=false", "run.sample_steps=[1]", "run.sample_n=6",
+            "train.threads=1", "train.steps=2", "train.batch_size=16"]
+    teacher_dir = train(load_config(None, [*base, "method.name=trigflow", "method.label_dropout=0.1",
+                                           f"run.dir={tmp_path / 'teacher'}"]))
+    scd = [*base, "method.name=scd", f"method.teacher={teacher_dir}", "net.guidance_cond=true"]
+    cfg = load_config(None, [*scd, "method.guidance=1.5", "method.guidance_range=[1, 2]"])
+    obj = build_objective(cfg, (2,), K)
+    teacher = load(teacher_dir).model(ema=True)
+    x, t, labels = torch.randn(6, 2), torch.full((6,), 0.8), torch.arange(6) % K
+    for w in (1.0, 2.0):  # init_from_teacher: the teacher's backbone, a zero guidance embedding
+        torch.testing.assert_close(obj.model.net(x, t, labels, guidance=w), teacher.net(x, t, labels))
+    obj.train()
+    assert not obj.teacher.training  # the teacher's dropout stays off while the student trains
+    student = load(train(load_config(None, [*scd, "method.guidance_range=[1, 2]", f"run.dir={tmp_path / 'scd'}"])))
+    assert student.objective.sample_guidance == 1.0
+    a, b = student.sample(6, guidance=1.0), student.sample(6, guidance=2.0)
+    assert a.shape == (6, 2) and torch.isfinite(b).all()
+    assert torch.equal(student.sample(6), a)  # the default scale is method.guidance
+    # an unconditional teacher run cannot be guided
+    plain_dir = train(load_config(None, [*base, "net.class_cond=false", "data.labels=false", "train.steps=1",
+                                         "method.name=trigflow", f"run.dir={tmp_path / 'plain'}"]))
+    with pytest.raises(ConfigError, match="class-conditional teacher .classifier-free"):
+        build_objective(load_config(None, [*scd, f"method.teacher={plain_dir}", "method.guidance=2.0"]), (2,), K)

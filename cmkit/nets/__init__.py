@@ -1,4 +1,4 @@
-"""Backbone networks F(x, c_noise, class_labels=None) -> tensor shaped like x (no noise, no loss)."""
+"""Backbone networks F(x, c_noise, class_labels=None[, guidance=w]) -> tensor shaped like x (no noise, no loss)."""
 
 from __future__ import annotations
 

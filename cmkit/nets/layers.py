@@ -248,25 +248,41 @@ class ResBlock(nn.Module):
 
 
 class NoiseEmbedding(nn.Module):
-    """c_noise (B,) [and class labels] -> (B, emb_dim): sinusoidal features, Linear-SiLU-Linear, + class embedding."""
+    """c_noise (B,) [, class labels, guidance scale w] -> (B, emb_dim): sinusoidal features, Linear-SiLU-Linear,
+    + class embedding [+ guidance embedding]."""
 
-    def __init__(self, kind: str, feat_dim: int, emb_dim: int, fourier_scale: float = 0.02, num_classes: int = 0):
+    def __init__(self, kind: str, feat_dim: int, emb_dim: int, fourier_scale: float = 0.02, num_classes: int = 0,
+                 guidance: bool = False):
         super().__init__()
         self.features = make_embedding(kind, feat_dim, fourier_scale)
         self.mlp = nn.Sequential(nn.Linear(feat_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label = nn.Embedding(num_classes, emb_dim) if num_classes > 0 else None
+        # The CFG scale w as an extra input (sCM Sec. 5.2, after Meng et al. 2023): sinusoidal features of w
+        # through its own Linear-SiLU-Linear, added to the time embedding. The last layer starts at zero, so a
+        # student initialised from its teacher's weights starts as the teacher for every w.
+        self.guidance = None
+        if guidance:
+            self.guidance = nn.Sequential(nn.Linear(feat_dim, emb_dim), nn.SiLU(), zero_init(nn.Linear(emb_dim, emb_dim)))
 
-    def forward(self, c_noise: Tensor, class_labels: Tensor | None, batch: int) -> Tensor:
+    def forward(self, c_noise: Tensor, class_labels: Tensor | None, batch: int, guidance=None) -> Tensor:
         if c_noise.ndim == 0:
             c_noise = c_noise.expand(batch)
         emb = self.mlp(self.features(c_noise))
+        if self.guidance is not None:
+            if guidance is None:
+                raise ValueError("this network takes a guidance scale (net.guidance_cond=true): pass guidance")
+            w = torch.as_tensor(guidance, device=c_noise.device, dtype=c_noise.dtype)
+            emb = emb + self.guidance(self.features(w.expand(batch) if w.ndim == 0 else w))
+        elif guidance is not None:
+            raise ValueError("guidance given to a network built without it; set net.guidance_cond=true")
         if self.label is None:
             if class_labels is not None:
                 raise ValueError("class_labels given to a network built without them; set net.class_cond=true")
             return emb
         if class_labels is None:
             raise ValueError("this network is class-conditional (net.class_cond=true): pass class_labels")
-        # ADM: emb = emb + label_emb(y). Float (B, K) labels (one-hot, or zeros for 'no class') use the same table.
+        # ADM: emb = emb + label_emb(y). Float (B, K) labels (one-hot, or zeros for 'no class') use the same table;
+        # the zero vector is the null label of classifier-free guidance (trigflow's method.label_dropout).
         if class_labels.is_floating_point():
             return emb + class_labels.to(emb.dtype) @ self.label.weight
         return emb + self.label(class_labels)

@@ -1,4 +1,4 @@
-"""Residual MLP backbone F(x, c_noise[, class_labels]) for low-dimensional data; images are flattened."""
+"""Residual MLP backbone F(x, c_noise[, class_labels, guidance]) for low-dimensional data; images are flattened."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ class MLP(nn.Module):
         fourier_scale: float = 0.02,
         emb_dim: int = 0,
         num_classes: int = 0,
+        guidance_cond: bool = False,
     ):
         super().__init__()
         self.data_shape = tuple(data_shape)
@@ -36,7 +37,7 @@ class MLP(nn.Module):
             raise ValueError(f"net.emb_dim={emb_dim} must be even (cos and sin halves)")
 
         # Noise-level (and class) embedding: sinusoidal features, Linear-SiLU-Linear.
-        self.embed = NoiseEmbedding(embedding, emb_dim, emb_dim, fourier_scale, num_classes)
+        self.embed = NoiseEmbedding(embedding, emb_dim, emb_dim, fourier_scale, num_classes, guidance_cond)
         # The embedding enters by concatenation; residual layers keep deep stacks trainable.
         self.inp = nn.Linear(dim + emb_dim, hidden)
         self.layers = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(depth)])
@@ -55,10 +56,11 @@ class MLP(nn.Module):
             fourier_scale=cfg.fourier_scale,
             emb_dim=cfg.emb_dim,
             num_classes=num_classes,
+            guidance_cond=cfg.guidance_cond,
         )
 
-    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        emb = self.embed(c_noise, class_labels, x.shape[0])
+    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None, guidance=None) -> Tensor:
+        emb = self.embed(c_noise, class_labels, x.shape[0], guidance)
         h = self.inp(torch.cat([x.reshape(x.shape[0], -1), emb], dim=1))
         for layer in self.layers:
             h = h + self.dropout(layer(F.silu(h)))

@@ -1,4 +1,4 @@
-"""ADM/DDPM++-style U-Net backbone F(x, c_noise[, class_labels]) for images (C, H, W).
+"""ADM/DDPM++-style U-Net backbone F(x, c_noise[, class_labels, guidance]) for images (C, H, W).
 
 Layout follows Dhariwal & Nichol (2021) ADM as used by iCT/sCM: ResBlocks with FiLM noise
 conditioning, attention at chosen resolutions and in the middle, num_blocks + 1 decoder blocks per
@@ -56,6 +56,7 @@ class UNet(nn.Module):
         norm: str = "group",
         num_groups: int = 32,
         num_classes: int = 0,
+        guidance_cond: bool = False,
         modulation: str = "film",
     ):
         super().__init__()
@@ -86,7 +87,7 @@ class UNet(nn.Module):
                      modulation=modulation)
 
         # Noise-level (and class) embedding: sinusoidal features of width `channels`, then Linear-SiLU-Linear.
-        self.embed = NoiseEmbedding(embedding, channels, emb_dim, fourier_scale, num_classes)
+        self.embed = NoiseEmbedding(embedding, channels, emb_dim, fourier_scale, num_classes, guidance_cond)
         self.conv_in = nn.Conv2d(in_ch, channels, 3, padding=1)
 
         # Encoder: num_blocks ResBlocks per level, then a strided conv (not after the last level).
@@ -135,11 +136,12 @@ class UNet(nn.Module):
             norm=cfg.norm,
             num_groups=cfg.num_groups,
             num_classes=num_classes,
+            guidance_cond=cfg.guidance_cond,
             modulation=getattr(cfg, "modulation", "film"),
         )
 
-    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        emb = self.embed(c_noise, class_labels, x.shape[0])
+    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None, guidance=None) -> Tensor:
+        emb = self.embed(c_noise, class_labels, x.shape[0], guidance)
         h = self.conv_in(x)
         skips = [h]
         for layer in self.enc:

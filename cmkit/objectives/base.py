@@ -47,6 +47,7 @@ class Objective(nn.Module):
     """Base class; subclasses set ``self.model`` (the student) and define ``phases``."""
 
     model: nn.Module
+    sample_guidance: float | None = None  # default CFG scale w for a guidance-conditional student; None: no input
 
     @property
     def phases(self) -> list[Phase]:

@@ -100,19 +100,28 @@ def analytic_teacher(process, shape: tuple[int, ...], data_cfg=None) -> Gaussian
     return GaussianTeacher(x.mean(0), x.std(0).clamp_min(1e-6), process)
 
 
-def load_teacher(spec: str, process, shape: tuple[int, ...], data_cfg=None, kind: str = "diffusion") -> nn.Module:
-    """A frozen, eval-mode teacher ``teacher(x, σ, class_labels) -> D(x, σ)`` with a ``.process``.
+# The diffusion method that trains a teacher for each noise process (process.name).
+TEACHER_METHODS = {"ve": ("edm", "configs/edm_toy.yaml"), "trigflow": ("trigflow", "configs/trigflow_mnist.yaml")}
 
-    ``spec`` is "analytic" (cmkit.analytic; ``process`` gives it σ_min), a run directory (its
-    latest checkpoint) or a checkpoint file; trained teachers are the run's EMA model
-    (train.ema_sample). The run must be of ``kind`` (its model's parameterisation) and, when
-    ``data_cfg`` is given, trained on the same data of the same ``shape``; ConfigError/
-    CheckpointError say what does not fit.
+
+def load_teacher(spec: str, process, shape: tuple[int, ...], data_cfg=None, kind: str = "diffusion") -> nn.Module:
+    """A frozen, eval-mode teacher ``teacher(x, t, class_labels)`` with a ``.process`` and ``.class_cond``.
+
+    Used by CD (VE: the output is the denoiser D(x, σ)) and sCD (TrigFlow: the output is the
+    velocity dx_t/dt, sCM Eq. 3). ``spec`` is "analytic" (cmkit.analytic, VE only; ``process`` gives
+    it σ_min), a run directory (its latest checkpoint) or a checkpoint file; trained teachers are
+    the run's EMA model (train.ema_sample). The run must be of ``kind`` (its model's
+    parameterisation) on the noise process of ``process`` and, when ``data_cfg`` is given, trained
+    on the same data of the same ``shape``; ConfigError/CheckpointError say what does not fit.
     """
     from cmkit.checkpoint import CheckpointError
     from cmkit.run import load
 
+    method, example = TEACHER_METHODS.get(process.name, ("edm", "configs/edm_toy.yaml"))
     if spec == "analytic":
+        if process.name != "ve":
+            raise ConfigError(f"method.teacher=analytic is the VE Gaussian denoiser of CD; a {process.name} "
+                              f"objective needs a run directory of a method.name={method} run")
         teacher = analytic_teacher(process, tuple(shape), data_cfg)
         teacher.class_cond = False
     else:
@@ -122,16 +131,17 @@ def load_teacher(spec: str, process, shape: tuple[int, ...], data_cfg=None, kind
         elif path.is_dir():
             run = load(path)
         else:
+            analytic = " or use method.teacher=analytic" if process.name == "ve" else ""
             raise CheckpointError(
                 f"method.teacher='{spec}' is neither a run directory nor a checkpoint file. Train a teacher "
-                f"first (cmkit train configs/edm_toy.yaml run.dir=runs/edm_toy) or use method.teacher=analytic"
+                f"first (cmkit train {example} run.dir=runs/{Path(example).stem}){analytic}"
             )
         teacher = run.model(ema=True)
-        if getattr(teacher, "kind", None) != kind:
+        if getattr(teacher, "kind", None) != kind or teacher.process.name != process.name:
             raise ConfigError(
                 f"method.teacher='{spec}' is a '{run.cfg.method.name}' run whose model is a "
-                f"{getattr(teacher, 'kind', 'unknown')} model; distillation needs a {kind} model "
-                f"(train one with method.name=edm)"
+                f"{getattr(teacher, 'kind', 'unknown')} model in {teacher.process.name}; this distillation needs a "
+                f"{kind} model in {process.name} (train one with method.name={method})"
             )
         if tuple(run.dataset.shape) != tuple(shape):
             raise ConfigError(f"the teacher was trained on data of shape {run.dataset.shape}, this run's data has {tuple(shape)}")
@@ -145,12 +155,16 @@ def load_teacher(spec: str, process, shape: tuple[int, ...], data_cfg=None, kind
 
 
 def init_from_teacher(student: Parameterized, teacher: nn.Module) -> None:
-    """Copy the teacher's backbone weights into the student's (Song et al. 2023 initialise CD so)."""
+    """Copy the teacher's backbone weights into the student's (Song et al. 2023 initialise CD so; sCM
+    Sec. 4.2 sCD). A student's guidance embedding (net.guidance_cond), which a teacher has not, keeps
+    its initialisation."""
     net = getattr(teacher, "net", None)
     if net is None:
         raise ConfigError("method.init_from_teacher=true needs a trained teacher with a backbone network")
+    state = net.state_dict()
+    own = {k: v for k, v in student.net.state_dict().items() if k.startswith("embed.guidance.") and k not in state}
     try:
-        student.net.load_state_dict(net.state_dict())
+        student.net.load_state_dict({**state, **own})
     except RuntimeError as e:
         raise ConfigError(
             f"method.init_from_teacher=true but the student's net.* differs from the teacher's; use the teacher "

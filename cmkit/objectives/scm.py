@@ -3,7 +3,9 @@
 One objective, Eq. 8: L(θ, φ) = E[e^{w_φ(t)}/D·‖F_θ - F_θ⁻ - g‖² - w_φ(t)] with g = cos(t)·df_θ⁻/dt
 (the prior weighting 1/(σ_d tan t) folded in), the tangent df_θ⁻/dt of Eq. 6 taken by forward-mode
 AD of the stop-gradient network in a separate no-grad pass, arranged as in Sec. 5.1. sCT estimates
-the PF-ODE by dx_t/dt = cos t·σ_d z - sin t·x0; sCD asks a TrigFlow diffusion teacher (Eq. 3).
+the PF-ODE by dx_t/dt = cos t·σ_d z - sin t·x0; sCD asks a TrigFlow diffusion teacher (Eq. 3), with
+classifier-free guidance at a scale w that the student takes as an extra input when the teacher is
+class-conditional (Sec. 5.2).
 With ``discrete_steps = N`` the tangent becomes the finite difference of f_θ⁻ over one step of an
 N-step grid: discrete-time consistency training in TrigFlow with every other technique unchanged
 (for the continuous/discrete comparison of Fig. 5c).
@@ -17,10 +19,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from cmkit.config import ConfigError
 from cmkit.model import Parameterized
 from cmkit.nets import build_network
 from cmkit.nets.layers import PositionalEmbedding
 from cmkit.objectives.base import Objective, Phase, SharedDropout
+from cmkit.objectives.distillation import init_from_teacher, load_teacher
 from cmkit.processes import TIME_TRANSFORMS, TrigFlow, _bcast
 from cmkit.schedules import Progress, tangent_warmup, trigflow_lognormal_times
 
@@ -59,6 +63,17 @@ class SCMConfig:
     jvp_fp32: bool = True  # run the tangent pass with autocast disabled (Sec. 5.1 numerics)
     teacher: str = ""  # sCD: run directory of a TrigFlow diffusion model (method.name=trigflow)
     init_from_teacher: bool = True  # sCD: start the student from the teacher's weights (Sec. 4.2)
+    # sCD with classifier-free guidance (Sec. 5.2): the teacher velocity is F(·,∅) + w·(F(·,c) - F(·,∅)) and
+    # the student takes w as an input (net.guidance_cond=true). w ~ U[guidance_range] per sample (the paper:
+    # s ∈ [1, 2] on ImageNet 512²), or the fixed guidance when the range is empty; guidance is also the
+    # default w for sampling. 1 = no guidance (the default).
+    guidance: float = 1.0
+    guidance_range: list[float] = field(default_factory=list)
+
+    @property
+    def guided(self) -> bool:
+        """Whether the teacher runs with classifier-free guidance."""
+        return self.guidance != 1 or bool(self.guidance_range)
 
     def validate(self) -> None:
         _choice("time_transform", self.time_transform, TIME_TRANSFORMS)
@@ -72,6 +87,19 @@ class SCMConfig:
             raise ValueError("method.discrete_steps and method.tangent_warmup must be >= 0")
         if self.name == "scd" and not self.teacher:
             raise ValueError("method.name=scd needs method.teacher=<run dir of a method.name=trigflow run>")
+        if self.guidance < 0:
+            raise ValueError(f"method.guidance must be >= 0 (1 = no guidance), got {self.guidance}")
+        if self.guidance_range:
+            if len(self.guidance_range) != 2 or not 0 <= self.guidance_range[0] <= self.guidance_range[1]:
+                raise ValueError(f"method.guidance_range must be [] or [w_min, w_max] with 0 <= w_min <= w_max, "
+                                 f"got {self.guidance_range}")
+            if not self.guidance_range[0] <= self.guidance <= self.guidance_range[1]:
+                raise ValueError(f"method.guidance={self.guidance} (the default sampling scale) must lie in "
+                                 f"method.guidance_range={self.guidance_range}")
+        if self.guided and not self.teacher:
+            raise ValueError("method.guidance/method.guidance_range guide a class-conditional sCD teacher "
+                             "(method.teacher); classifier-free guidance is incompatible with consistency training "
+                             "(sCM Sec. 5.2)")
 
 
 class AdaptiveWeight(nn.Module):
@@ -109,20 +137,38 @@ class ContinuousConsistency(Objective):
         self.model = Parameterized(build_network(cfg.net, shape, num_classes), self.process, "consistency")
         self.weight_net = AdaptiveWeight(self.process, m.weighting_dim) if m.adaptive_weighting else None
         self.teacher = None
-        self.num_classes = num_classes
-        if m.teacher:
-            self.set_teacher(_load_teacher(m.teacher, cfg, shape, num_classes))
+        self.num_classes = num_classes if cfg.net.class_cond else 0
+        self.guidance_input = cfg.net.guidance_cond
+        self.sample_guidance = m.guidance if cfg.net.guidance_cond else None
+        if m.guided and not cfg.net.guidance_cond:
+            raise ConfigError("method.guidance/method.guidance_range need a student that takes the guidance scale "
+                              "as an input: set net.guidance_cond=true (sCM Sec. 5.2)")
+        if m.teacher:  # the loader CD uses; the teacher's output is its velocity σ_d F_teacher (Eq. 3)
+            self.set_teacher(load_teacher(m.teacher, self.process, tuple(shape), cfg.data))
             if m.init_from_teacher:  # diffusion fine-tuning (Sec. 4.2): same backbone, its weights
-                try:
-                    self.model.net.load_state_dict(self.teacher.net.state_dict())
-                except RuntimeError as e:
-                    from cmkit.config import ConfigError
-
-                    raise ConfigError(f"method.init_from_teacher=true needs the teacher's net config: {e}") from None
+                init_from_teacher(self.model, self.teacher)
 
     def set_teacher(self, teacher: nn.Module) -> None:
         """Use a TrigFlow diffusion model (output = velocity dx_t/dt, Eq. 3) as the sCD teacher."""
-        self.teacher = teacher.requires_grad_(False)
+        class_cond = getattr(teacher, "class_cond", False)
+        if self.cfg.guided and not class_cond:
+            raise ConfigError("method.guidance/method.guidance_range need a class-conditional teacher (classifier-"
+                              "free guidance, sCM Sec. 5.2); this teacher was trained with net.class_cond=false")
+        if class_cond != bool(self.num_classes):
+            raise ConfigError(f"the teacher has net.class_cond={class_cond} but this run net.class_cond="
+                              f"{bool(self.num_classes)}; distil a class-conditional teacher into a class-conditional "
+                              f"student")
+        if teacher.process.sigma_data != self.cfg.sigma_data:
+            raise ConfigError(f"method.sigma_data={self.cfg.sigma_data} must equal the teacher's "
+                              f"({teacher.process.sigma_data})")
+        self.teacher = teacher.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        """The teacher stays in eval mode (no dropout) whatever the objective's mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
 
     @property
     def phases(self) -> list[Phase]:
@@ -136,12 +182,23 @@ class ContinuousConsistency(Objective):
     def sample_t(self, n: int, device) -> Tensor:
         return trigflow_lognormal_times(n, self.cfg.p_mean, self.cfg.p_std, self.cfg.sigma_data, device=device)
 
-    def _F(self, x_scaled: Tensor, t: Tensor, labels) -> Tensor:
-        """F_θ(x_t/σ_d, c_noise(t)) with c_noise inside, so derivatives in t pass through it."""
-        return self.model.net(x_scaled, self.process.c_noise(t), labels)
+    def sample_guidance_scales(self, n: int, device, dtype) -> Tensor | None:
+        """Per-sample CFG scales w for a guidance-conditional student: U[w_min, w_max] (sCM Sec. 5.2: s ∈ [1, 2])
+        or the fixed method.guidance; None when the student takes no w."""
+        if not self.guidance_input:
+            return None
+        if not self.cfg.guidance_range:
+            return torch.full((n,), self.cfg.guidance, device=device, dtype=dtype)
+        lo, hi = self.cfg.guidance_range
+        return lo + (hi - lo) * torch.rand(n, device=device, dtype=dtype)
+
+    def _F(self, x_scaled: Tensor, t: Tensor, labels, guidance: Tensor | None = None) -> Tensor:
+        """F_θ(x_t/σ_d, c_noise(t)[, w]) with c_noise inside, so derivatives in t pass through it."""
+        return self.model.net(x_scaled, self.process.c_noise(t), labels, guidance=guidance)
 
     @torch.no_grad()
-    def tangent(self, x_t: Tensor, t: Tensor, dxdt: Tensor, labels=None, r: float = 1.0) -> tuple[Tensor, Tensor]:
+    def tangent(self, x_t: Tensor, t: Tensor, dxdt: Tensor, labels=None, r: float = 1.0,
+                guidance: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(F_θ⁻, cos(t)·df_θ⁻/dt) at (x_t, t) along dx_t/dt, by one no-grad JVP (sCM Eq. 6, Sec. 5.1).
 
         The JVP of F⁻ at (x_t/σ_d, t) with tangents (cos t sin t·dx_t/dt, cos t sin t·σ_d) gives
@@ -149,6 +206,7 @@ class ContinuousConsistency(Objective):
         here from dF⁻/dt = ∇F⁻·(dx_t/dt)/σ_d + ∂_t F⁻). Then, from Eq. 6 times cos t, with the
         tangent-warmup r on the sin t term (Sec. 4.2):
         cos t·df⁻/dt = -cos²t·(σ_d F⁻ - dx_t/dt) - r·(cos t sin t·x_t + σ_d cos t sin t·dF⁻/dt).
+        The guidance scale w is fixed along the trajectory, so it is an input but not a primal of the JVP.
         """
         sd = self.cfg.sigma_data
         t = t.to(x_t.dtype)
@@ -156,7 +214,7 @@ class ContinuousConsistency(Objective):
         cos, csb = _bcast(torch.cos(t), x_t), _bcast(cs, x_t)
 
         def F(x_scaled, tt):
-            return self._F(x_scaled, tt, labels)
+            return self._F(x_scaled, tt, labels, guidance)
 
         autocast_off = torch.autocast(x_t.device.type, enabled=False) if self.cfg.jvp_fp32 else _null()
         with autocast_off:
@@ -165,26 +223,39 @@ class ContinuousConsistency(Objective):
         return F_minus, g
 
     @torch.no_grad()
-    def finite_difference_tangent(self, x_t, t, x_s, s, labels, dropout: SharedDropout):
+    def finite_difference_tangent(self, x_t, t, x_s, s, labels, dropout: SharedDropout, guidance=None):
         """(F_θ⁻(x_t), cos t·(f_θ⁻(x_t, t) - f_θ⁻(x_s, s))/(t - s)): the discrete-time tangent (Fig. 5c)."""
         sd = self.cfg.sigma_data
         with dropout.record():
-            F_minus = self._F(x_t / sd, t, labels)
+            F_minus = self._F(x_t / sd, t, labels, guidance)
         f_t = _bcast(torch.cos(t), x_t) * x_t - _bcast(torch.sin(t), x_t) * sd * F_minus  # Eq. 5
         with dropout.replay():
-            f_s = self.model(x_s, s, labels)
+            f_s = self.model(x_s, s, labels, guidance=guidance)
         return F_minus, _bcast(torch.cos(t) / (t - s), x_t) * (f_t - f_s)
 
-    def velocity(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels) -> Tensor:
-        """dx_t/dt: cos t·σ_d z - sin t·x0 (sCT) or the teacher's σ_d F_teacher(x_t/σ_d, t) (sCD, Eq. 3)."""
+    def velocity(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels, guidance: Tensor | None = None) -> Tensor:
+        """dx_t/dt: cos t·σ_d z - sin t·x0 (sCT) or the teacher's σ_d F_teacher(x_t/σ_d, t) (sCD, Eq. 3),
+        classifier-free guided at the per-sample scales w when method.guidance/guidance_range ask for it."""
         if self.teacher is None:
             return self.process.velocity_target(x0, z, t)
         with torch.no_grad():
-            return self.teacher(x_t, t, labels)
+            if not self.cfg.guided:
+                return self.teacher(x_t, t, labels)
+            if guidance is None or labels is None:
+                raise ValueError("a guided sCD teacher needs class labels and per-sample guidance scales w")
+            # sCM Sec. 5.2 (CFG, Ho & Salimans 2021): F = F(x, t, ∅) + w·(F(x, t, c) - F(x, t, ∅)); the null
+            # label ∅ is the zero label vector (cmkit.nets.layers.NoiseEmbedding, trigflow's label_dropout).
+            # The velocity σ_d·F is linear in F, so the guided velocity combines the two velocities alike.
+            cond = labels.to(x_t.dtype) if labels.is_floating_point() else nn.functional.one_hot(
+                labels.long(), self.num_classes).to(x_t.dtype)
+            v = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]))
+            v_cond, v_null = v.chunk(2)
+            return v_null + _bcast(guidance.to(v.dtype), v) * (v_cond - v_null)
 
     # -- the loss --------------------------------------------------------------
-    def consistency_loss(self, x0: Tensor, z: Tensor, t: Tensor, labels=None, progress: Progress | None = None) -> dict:
-        """Per-sample Eq. 8 at given data x0, standard normal z and times t."""
+    def consistency_loss(self, x0: Tensor, z: Tensor, t: Tensor, labels=None, progress: Progress | None = None,
+                         guidance: Tensor | None = None) -> dict:
+        """Per-sample Eq. 8 at given data x0, standard normal z, times t [and CFG scales w, Sec. 5.2]."""
         m, sd = self.cfg, self.cfg.sigma_data
         x_t = self.process.add_noise(x0, z, t)
         dropout = SharedDropout(x0.device, m.shared_dropout)
@@ -195,18 +266,18 @@ class ContinuousConsistency(Objective):
             if self.teacher is None:  # CT: the same x0 and z one grid step earlier
                 x_s = self.process.add_noise(x0, z, s)
             else:  # CD: one exact-for-one-point TrigFlow step with the teacher velocity (DDIM)
-                x_s = math.cos(step) * x_t - math.sin(step) * self.velocity(x0, z, x_t, t, labels)
-            F_minus, g = self.finite_difference_tangent(x_t, t, x_s, s, labels, dropout)
+                x_s = math.cos(step) * x_t - math.sin(step) * self.velocity(x0, z, x_t, t, labels, guidance)
+            F_minus, g = self.finite_difference_tangent(x_t, t, x_s, s, labels, dropout, guidance)
         else:
-            dxdt = self.velocity(x0, z, x_t, t, labels)
+            dxdt = self.velocity(x0, z, x_t, t, labels, guidance)
             with dropout.record():
-                F_minus, g = self.tangent(x_t, t, dxdt, labels, r)
+                F_minus, g = self.tangent(x_t, t, dxdt, labels, r, guidance)
         if m.weighting == "uniform":  # w = 1: y = -σ_d sin t·df/dt = -σ_d tan t·(cos t df/dt)
             g = _bcast(sd * torch.tan(t), g) * g
         raw_norm = g.flatten(1).norm(dim=1)
         g = normalize_tangent(g, m.tangent_norm, m.tangent_c)
         with dropout.replay():
-            F_theta = self._F(x_t / sd, t, labels)
+            F_theta = self._F(x_t / sd, t, labels, guidance)
         # Eq. 8: e^{w_φ}/D·‖F_θ - F_θ⁻ - g‖² - w_φ.
         mse = (F_theta.float() - F_minus.float() - g.float()).flatten(1).square().mean(1)
         out = {"mse": mse.detach().mean(), "tangent_norm": raw_norm.mean(), "r": r}
@@ -225,7 +296,8 @@ class ContinuousConsistency(Objective):
             step = (math.pi / 2) / self.cfg.discrete_steps
             t = (torch.ceil(t / step).clamp(1, self.cfg.discrete_steps) * step).to(t.dtype)
         z = torch.randn_like(x0)
-        return self.consistency_loss(x0, z, t.to(x0.dtype), labels, progress)
+        w = self.sample_guidance_scales(x0.shape[0], x0.device, x0.dtype)
+        return self.consistency_loss(x0, z, t.to(x0.dtype), labels, progress, w)
 
 
 class _null:
@@ -235,24 +307,3 @@ class _null:
     def __exit__(self, *exc):
         return False
 
-
-def _load_teacher(path: str, cfg, shape, num_classes) -> nn.Module:
-    """The EMA model of a TrigFlow diffusion run (method.name=trigflow) for sCD."""
-    from cmkit.checkpoint import CheckpointError
-    from cmkit.config import ConfigError
-    from cmkit.run import load
-
-    try:
-        run = load(path)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"method.teacher='{path}': {e}") from None
-    if run.cfg.method.name != "trigflow":
-        raise ConfigError(
-            f"method.teacher='{path}' is a method.name={run.cfg.method.name} run; sCD needs a TrigFlow diffusion "
-            "model (train one with configs/trigflow_*.yaml)"
-        )
-    if tuple(run.dataset.shape) != tuple(shape):
-        raise ConfigError(f"the teacher was trained on data of shape {run.dataset.shape}, this run's data is {tuple(shape)}")
-    if abs(run.cfg.method.sigma_data - cfg.method.sigma_data) > 0:
-        raise ConfigError("method.sigma_data must equal the teacher's")
-    return run.model(ema=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cmkit.config import ConfigError
 from cmkit.model import Parameterized
 from cmkit.nets import build_network
 from cmkit.objectives.base import Objective, Phase
@@ -28,6 +29,8 @@ class TrigFlowConfig:
     time_scale: float = 1.0
     p_mean: float = -1.0
     p_std: float = 1.4
+    label_dropout: float = 0.0  # replace a label by the null label (zeros) with this probability, so the
+    # model also learns the unconditional velocity that classifier-free guidance needs (Ho & Salimans 2021)
 
     def validate(self) -> None:
         if self.time_transform not in TIME_TRANSFORMS:
@@ -35,6 +38,8 @@ class TrigFlowConfig:
                              f"Choose one of: {', '.join(TIME_TRANSFORMS)}")
         if self.sigma_data <= 0 or self.p_std <= 0:
             raise ValueError("method.sigma_data and method.p_std must be > 0")
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"method.label_dropout must lie in [0, 1), got {self.label_dropout}")
 
 
 class TrigFlowDiffusion(Objective):
@@ -46,6 +51,9 @@ class TrigFlowDiffusion(Objective):
         self.cfg = m
         self.process = TrigFlow(m.sigma_data, m.time_transform, m.time_scale)
         self.model = Parameterized(build_network(cfg.net, shape, num_classes), self.process, "diffusion")
+        self.num_classes = num_classes if cfg.net.class_cond else 0
+        if m.label_dropout > 0 and not self.num_classes:
+            raise ConfigError("method.label_dropout needs a class-conditional model: net.class_cond=true, data.labels=true")
 
     @property
     def phases(self) -> list[Phase]:
@@ -61,8 +69,16 @@ class TrigFlowDiffusion(Objective):
         """``steps`` is the NFE budget: ⌊steps/2⌋ Heun intervals (at least one, NFE = 2 per interval)."""
         return self.process.ode_times(max(steps // 2, 1))
 
+    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """One-hot labels with each row zeroed (the null label, cmkit.nets.layers) with probability label_dropout."""
+        onehot = torch.nn.functional.one_hot(labels.long(), self.num_classes).to(torch.float32)
+        keep = torch.rand(labels.shape[0], 1, device=labels.device) >= self.cfg.label_dropout
+        return onehot * keep
+
     def loss(self, batch, progress: Progress) -> dict:
         x0, labels = batch["x"], batch.get("labels")
+        if labels is not None and self.cfg.label_dropout > 0:
+            labels = self.drop_labels(labels)
         t = trigflow_lognormal_times(x0.shape[0], self.cfg.p_mean, self.cfg.p_std, self.cfg.sigma_data,
                                      device=x0.device).to(x0.dtype)
         z = torch.randn_like(x0)
