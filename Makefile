@@ -21,6 +21,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/cmkit train configs/ict_mnist_demo.yaml run.dir=runs/demo --force
+	$(BIN)/cmkit eval runs/demo --steps 1 2 --n 1000
 	$(BIN)/python -m cmkit.demo_summary runs/demo
 
 test: $(STAMP)
