@@ -13,15 +13,18 @@ a bare backbone forward on the same batch. Run:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
 import time
 
 import torch
+import yaml
 
 from cmkit import distributed
-from cmkit.config import load_config
+from cmkit.config import _merge, from_dict, parse_overrides
+from cmkit.objectives import METHODS
 from cmkit.train import Trainer
 from cmkit.schedules import Progress
 
@@ -43,6 +46,14 @@ RECIPES = {
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def median_time(fn, device, repeats: int, warmup: int) -> float:
@@ -90,20 +101,41 @@ def passes(trainer: Trainer, batch: int):
     return {"student_fwd_bwd": student_fwd_bwd, "teacher_fwd": teacher_fwd, "jvp": jvp, "disc_fwd_bwd": disc_fwd_bwd}
 
 
+def config_for(path: str, name: str, overrides: list[str]):
+    """The config at path with method.name=name; method keys the other method lacks are dropped."""
+    raw = yaml.safe_load(open(path))
+    fields = {f.name for f in dataclasses.fields(METHODS[name].config)}
+    raw["method"] = {k: v for k, v in (raw.get("method") or {}).items() if k in fields and k != "name"}
+    raw["method"]["name"] = name
+    return from_dict(_merge(raw, parse_overrides(overrides)))
+
+
 def bench_method(name: str, args) -> dict:
-    cfg = load_config(args.config, [f"method.name={name}", f"train.batch_size={args.batch}", f"train.device={args.device}",
-                                    f"train.precision={args.precision}", "run.progress=false", "run.tensorboard=false",
-                                    *args.overrides])
+    cfg = config_for(args.config, name, [f"train.batch_size={args.batch}", f"train.device={args.device}",
+                                          f"train.precision={args.precision}", "run.progress=false",
+                                          "run.tensorboard=false", *args.overrides])
     device = torch.device(args.device)
     trainer = Trainer(cfg, distributed.DistInfo(), device)
     streams = trainer.streams()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step = median_time(lambda: trainer.train_step(streams), device, args.repeats, args.warmup)
+    fns = passes(trainer, args.batch)
+    # Interleaved: each round times one step and then each of its passes once, so that drifts of
+    # the machine's speed hit both sides of the ratio alike; the ratio is the median of per-round ratios.
+    for _ in range(args.warmup):
+        trainer.train_step(streams)
+        for p in set(RECIPES[name]):
+            fns[p]()
+    step_t, pass_t, ratios = [], {p: [] for p in set(RECIPES[name])}, []
+    for _ in range(args.repeats):
+        step_t.append(timed(lambda: trainer.train_step(streams), device))
+        for p in pass_t:
+            pass_t[p].append(timed(fns[p], device))
+        ratios.append(step_t[-1] / sum(pass_t[p][-1] for p in RECIPES[name]))
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    fns = passes(trainer, args.batch)
-    each = {p: median_time(fns[p], device, args.repeats, args.warmup) for p in set(RECIPES[name])}
+    step = statistics.median(step_t)
+    each = {p: statistics.median(v) for p, v in pass_t.items()}
     network = sum(each[p] for p in RECIPES[name])
     # 1-step sampling against a bare backbone forward on the same batch.
     ema = trainer.ema.modules[0]
@@ -114,7 +146,9 @@ def bench_method(name: str, args) -> dict:
     c = ema.process.c_noise(tt) if hasattr(ema.process, "c_noise") else tt
     with torch.no_grad():
         bare = median_time(lambda: ema.net(noise, c, None), device, args.repeats, args.warmup)
-    return {"method": name, "step_ms": 1e3 * step, "network_ms": 1e3 * network, "ratio": step / network,
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), 0, max(ratios)]
+    return {"method": name, "step_ms": 1e3 * step, "network_ms": 1e3 * network, "ratio": statistics.median(ratios),
+            "ratio_iqr": [q[0], q[-1]],
             "passes_ms": {p: round(1e3 * v, 2) for p, v in each.items()}, "peak_mb": peak,
             "sample_1step_ms": 1e3 * sample, "bare_forward_ms": 1e3 * bare, "sampling_efficiency": bare / sample}
 
@@ -135,12 +169,12 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
-    print(f"{'method':12s} {'step ms':>9s} {'net ms':>9s} {'ratio':>6s} {'peak MB':>8s} {'1-step ms':>9s} "
+    print(f"{'method':12s} {'step ms':>9s} {'net ms':>9s} {'ratio':>6s} {'ratio IQR':>12s} {'peak MB':>8s} {'1-step ms':>9s} "
           f"{'bare ms':>8s} {'samp eff':>8s}  passes")
     for name in args.methods:
         r = bench_method(name, args)
         rows.append(r)
-        print(f"{name:12s} {r['step_ms']:9.1f} {r['network_ms']:9.1f} {r['ratio']:6.3f} {r['peak_mb']:8.0f} "
+        print(f"{name:12s} {r['step_ms']:9.1f} {r['network_ms']:9.1f} {r['ratio']:6.3f} {r['ratio_iqr'][0]:5.3f}-{r['ratio_iqr'][1]:5.3f} {r['peak_mb']:8.0f} "
               f"{r['sample_1step_ms']:9.2f} {r['bare_forward_ms']:8.2f} {r['sampling_efficiency']:8.3f}  {r['passes_ms']}",
               flush=True)
     if args.json:
