@@ -27,7 +27,7 @@ NOISE = 0.2  # denoising example: std in [0, 1] pixel units
 
 def make_inputs(data: str, n: int, out: Path, seed: int) -> dict:
     """Write the example files; return them as tensors (data space)."""
-    ds = load_dataset(DataConfig(name=data, split="test"))
+    ds = load_dataset(DataConfig(name=data, split="test", labels=True))
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(ds), generator=g)[:n]
     x = ds.to_data_space(ds.x[idx])  # (n, C, H, W) in [0, 1]
@@ -48,7 +48,7 @@ def make_inputs(data: str, n: int, out: Path, seed: int) -> dict:
     for name, arr in files.items():
         np.savez(out / f"{name}.npz", x=arr.numpy())
     print(f"wrote {', '.join(files)} (.npz) and {len(masks)} masks to {out}")
-    return {"masks": masks, **files}
+    return {"masks": masks, "labels": ds.labels[idx], **files}
 
 
 def edit_all(run, ex: dict, steps: dict | None = None, seed: int = 0) -> dict:
@@ -67,25 +67,39 @@ def edit_all(run, ex: dict, steps: dict | None = None, seed: int = 0) -> dict:
     return res
 
 
-def sweep(run, ex: dict, step_counts=(1, 2, 4, 10, 20)) -> None:
-    """Mean squared error against the clean images (on the generated part) for each step count."""
+def sweep(run, ex: dict, step_counts=(1, 2, 4, 10, 20, 40, 80)) -> None:
+    """Per task and step count: mean squared error against the clean images (on the generated part)
+    and the committed digit classifier's accuracy on the results (does the edit keep the digit?)."""
     from cmkit.editing import AvgPool
+    from cmkit.evaluation.classifier import CLASSIFIERS, WEIGHTS_DIR, centre_crop, load_classifier
+
+    name = run.cfg.data.name
+    net, _ = load_classifier(WEIGHTS_DIR / CLASSIFIERS[name][0])
+
+    def acc(y):
+        with torch.no_grad():
+            return (net(centre_crop(y.clamp(0, 1), CLASSIFIERS[name][1])).argmax(1) == ex["labels"]).double().mean()
 
     x, hole = ex["clean"], ex["masks"]["center"]
-    print("task      steps  mse")
-    print(f"inpaint   (hole filled with the mean pixel value)  {((x.mean() - x) ** 2)[..., hole].mean():.4f}")
+    print("task      steps  mse     classifier accuracy")
+    print(f"clean                   {acc(x):.3f}")
+    fill = torch.where(hole, x.mean(), x)
+    print(f"inpaint   (hole filled with the mean pixel value)  {((fill - x) ** 2)[..., hole].mean():.4f}  {acc(fill):.3f}")
     if "low_x4" in ex:
-        print(f"superres  (nearest upsampling)  {((AvgPool(4).pinv(ex['low_x4']) - x) ** 2).mean():.4f}")
+        up = AvgPool(4).pinv(ex["low_x4"])
+        print(f"superres  (nearest upsampling)  {((up - x) ** 2).mean():.4f}  {acc(up):.3f}")
     for k in step_counts:
         res = edit_all(run, ex, {"inpaint": k, "superres": k, "colorize": k})
-        print(f"inpaint   {k:5d}  {((res['inpaint'][0] - x) ** 2)[..., hole].mean():.4f}")
+        y = res["inpaint"][0]
+        print(f"inpaint   {k:5d}  {((y - x) ** 2)[..., hole].mean():.4f}  {acc(y):.3f}")
         if "superres" in res:
-            print(f"superres  {k:5d}  {((res['superres'][0] - x) ** 2).mean():.4f}")
+            print(f"superres  {k:5d}  {((res['superres'][0] - x) ** 2).mean():.4f}  {acc(res['superres'][0]):.3f}")
         if "colorize" in res:
             print(f"colorize  {k:5d}  {((res['colorize'][0] - x) ** 2).mean():.4f}")
     res = edit_all(run, ex)
-    print(f"denoise       1  {((res['denoise'][0] - x) ** 2).mean():.4f}  "
-          f"(noisy input: {((ex['noisy_0.2'].clamp(0, 1) - x) ** 2).mean():.4f})")
+    noisy = ex["noisy_0.2"].clamp(0, 1)
+    print(f"denoise       1  {((res['denoise'][0] - x) ** 2).mean():.4f}  {acc(res['denoise'][0]):.3f}  "
+          f"(noisy input: {((noisy - x) ** 2).mean():.4f}  {acc(noisy):.3f})")
 
 
 def write_grid(run, ex: dict, path: Path, seed: int = 0) -> None:
@@ -118,6 +132,7 @@ def main() -> None:
     p.add_argument("--run", default=None, help="a trained run to edit the examples with")
     p.add_argument("--grid", default=None, help="write the before/after grid here (.png)")
     p.add_argument("--sweep", action="store_true", help="print errors for several step counts")
+    p.add_argument("--sweep-n", type=int, default=256, help="test images scored by --sweep")
     args = p.parse_args()
     torch.set_num_threads(1)
     ex = make_inputs(args.data, args.n, Path(args.out), args.seed)
@@ -128,7 +143,7 @@ def main() -> None:
         if args.grid:
             write_grid(run, ex, Path(args.grid), args.seed)
         if args.sweep:
-            sweep(run, make_inputs(args.data, 64, Path(args.out) / "sweep", args.seed + 1))
+            sweep(run, make_inputs(args.data, args.sweep_n, Path(args.out) / "sweep", args.seed + 1))
 
 
 if __name__ == "__main__":
