@@ -93,7 +93,7 @@ def cmd_edit(args) -> int:
     mask = read_mask(args.mask) if args.mask else None
     out, view = edit_run(run, args.task, x, mask=mask, steps=args.steps, times=args.times, sigma=args.sigma,
                          factor=args.factor, greyscale=args.greyscale, seed=args.seed, seeds=tuple(args.seeds),
-                         n=args.n, label=args.label, ema=not args.no_ema)
+                         n=args.n, label=args.label, ema=not args.no_ema, guidance=args.guidance)
     path = Path(args.out)
     if path.suffix == ".npz":
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,6 +128,7 @@ def add_edit(sub) -> None:
     p.add_argument("--seeds", type=int, nargs=2, default=[0, 1], help="interpolate: the two seeds")
     p.add_argument("--n", type=int, default=8, help="interpolate: number of points")
     p.add_argument("--label", type=int, default=None, help="class label for class-conditional runs")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale w of a guided sCD student (default: its own)")
     p.add_argument("--compare", action="store_true", help=".png shows the degraded input above each result")
     p.add_argument("--out", required=True, help=".png grid or .npz (arrays 'samples' and 'inputs', data space)")
     p.add_argument("--seed", type=int, default=0)

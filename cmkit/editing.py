@@ -360,12 +360,14 @@ def _to_model(run, x: Tensor) -> Tensor:
 def edit_run(run, task: str, x: Tensor | None = None, *, mask: Tensor | None = None, steps: int | None = None,
              times=None, sigma: float = 0.0, factor: int = 0, greyscale: str = "luminance", seed: int = 0,
              seeds: tuple[int, int] = (0, 1), n: int = 8, label: int | None = None,
-             ema: bool = True) -> tuple[Tensor, Tensor]:
+             ema: bool = True, guidance: float | None = None) -> tuple[Tensor, Tensor]:
     """Run one task on a ``cmkit.load(...)`` run; x (and the result) in data space [0, 1].
 
     Returns (result, degraded view of the input). ``sigma`` (denoise) is the noise std in [0, 1]
     pixel units; ``factor`` (superres) defaults to data size / input size, or 2 for full-size input.
+    ``guidance``: the CFG scale w of a guidance-conditional sCD student (default: its method.guidance).
     """
+    from cmkit.sampling import WithGuidance
     from cmkit.config import ConfigError
 
     if task not in TASKS:
@@ -373,6 +375,10 @@ def edit_run(run, task: str, x: Tensor | None = None, *, mask: Tensor | None = N
     model, ds = run.model(ema), run.dataset
     if getattr(model, "kind", "consistency") != "consistency":
         raise ConfigError(f"run '{run.dir}' holds a {model.kind} model; zero-shot editing needs a consistency model")
+    if run.cfg.net.guidance_cond:
+        model = WithGuidance(model, run.objective.sample_guidance if guidance is None else guidance)
+    elif guidance is not None:
+        raise ConfigError("a guidance scale needs a student trained with net.guidance_cond=true (sCD with CFG)")
     labels = None
     if run.cfg.net.class_cond:
         if label is None:

@@ -586,6 +586,16 @@ def test_guided_scd_from_a_trigflow_run(tmp_path):
     a, b = student.sample(6, guidance=1.0), student.sample(6, guidance=2.0)
     assert a.shape == (6, 2) and torch.isfinite(b).all()
     assert torch.equal(student.sample(6), a)  # the default scale is method.guidance
+    # zero-shot editing passes w too: interpolation ends are the plain guided samples of the two seeds
+    from cmkit.editing import edit_run
+
+    one = torch.ones(1, dtype=torch.long)
+    with torch.no_grad():  # a guidance embedding that has moved away from its zero start, so w matters
+        torch.nn.init.normal_(student.model().net.embed.guidance[-1].weight, std=0.5)
+    for w in (1.0, 2.0):
+        path, _ = edit_run(student, "interpolate", seeds=(3, 7), n=3, label=1, guidance=w)
+        torch.testing.assert_close(path[0], student.sample(1, seed=3, class_labels=one, guidance=w)[0])
+        torch.testing.assert_close(path[-1], student.sample(1, seed=7, class_labels=one, guidance=w)[0])
     # an unconditional teacher run cannot be guided
     plain_dir = train(load_config(None, [*base, "net.class_cond=false", "data.labels=false", "train.steps=1",
                                          "method.name=trigflow", f"run.dir={tmp_path / 'plain'}"]))
