@@ -33,6 +33,7 @@ class DataConfig:
     n: int = 20000  # number of points drawn for the 2-D toy sets
     pad_to: int = 0  # pad square images with -1 to this size (e.g. 32 for MNIST); 0 = keep
     resolution: int = 0  # resize image folders to this size; 0 = require equal sizes
+    workers: int = 0  # processes decoding an image folder once at start; 0 = one per CPU core (max 8), 1 = none
     split: str = "train"  # train | test | all
     labels: bool = False  # keep class labels (class-conditional training)
     cache_dir: str = "~/.cache/cmkit"  # parsed bundled data is cached here

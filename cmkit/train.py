@@ -32,6 +32,7 @@ from cmkit.schedules import Progress, lr_warmup
 # Keys that may differ between a run directory's config and a resumed run's config.
 RESUMABLE_SECTIONS = ("run", "eval")
 RESUMABLE_KEYS = {("train", "steps"), ("train", "device"), ("train", "threads"), ("data", "cache_dir"),
+                  ("data", "workers"),
                   ("train", "precision"), ("train", "compile"), ("train", "accumulate"), ("train", "grad_clip"),
                   ("train", "max_bad_steps"), ("train", "spike_factor")}
 
@@ -55,14 +56,20 @@ def make_optimizer(params, tcfg) -> torch.optim.Optimizer:
 
 
 def config_differences(a: dict, b: dict) -> list[str]:
-    """Keys whose values differ between two config dicts, ignoring those a resume may change."""
+    """Keys whose values differ between two config dicts, ignoring those a resume may change.
+
+    Resolved configs hold every key, so a key on one side only was added to cmkit after the other
+    was written; new options default to the old behaviour, so such a key is not a difference.
+    """
     diffs = []
     for section in sorted(set(a) | set(b)):
         if section in RESUMABLE_SECTIONS:
             continue
         sa, sb = a.get(section) or {}, b.get(section) or {}
         for key in sorted(set(sa) | set(sb)):
-            if (section, key) not in RESUMABLE_KEYS and sa.get(key) != sb.get(key):
+            if key not in sa or key not in sb:
+                continue
+            if (section, key) not in RESUMABLE_KEYS and sa[key] != sb[key]:
                 diffs.append(f"{section}.{key}: {sa.get(key)!r} -> {sb.get(key)!r}")
     return diffs
 

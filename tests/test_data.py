@@ -283,6 +283,23 @@ def test_folder_loads_images_recursively(tmp_path):
     assert grey.shape == (1, 4, 4) and torch.allclose(grey.x, torch.tensor(128 / 127.5 - 1), atol=0.01)
 
 
+def test_folder_decoded_by_worker_processes_equals_serial(tmp_path):
+    from cmkit.data.arrays import PARALLEL_MIN_FILES
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "d").mkdir()
+    for i in range(PARALLEL_MIN_FILES + 6):
+        Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)).save(tmp_path / "d" / f"{i:03d}.png")
+    serial = load(name="folder", path=str(tmp_path / "d"), split="all", workers=1)
+    parallel = load(name="folder", path=str(tmp_path / "d"), split="all", workers=2)
+    assert len(parallel) == PARALLEL_MIN_FILES + 6 and torch.equal(serial.x, parallel.x)  # same images, same order
+    (tmp_path / "d" / "050_broken.png").write_bytes(b"not really a png")
+    with pytest.raises(DataError, match=r"cannot read image '.*050_broken\.png'"):
+        load(name="folder", path=str(tmp_path / "d"), workers=2)
+    with pytest.raises(DataError, match=r"data\.workers=-1"):
+        load(name="folder", path=str(tmp_path / "d"), workers=-1)
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(DataError, match="not an existing folder"):
         load(name="folder", path=str(tmp_path / "missing"))

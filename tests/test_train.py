@@ -62,6 +62,16 @@ def test_different_run_in_directory_is_refused(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
 
+def test_config_differences_ignore_keys_added_since():
+    from cmkit.train import config_differences
+
+    new = {"train": {"lr": 1e-3, "steps": 9}, "net": {"hidden": 32, "guidance_cond": False}, "data": {"workers": 0}}
+    old = {"train": {"lr": 1e-3, "steps": 5}, "net": {"hidden": 32}, "data": {"workers": 4}}  # an older cmkit's config
+    assert config_differences(old, new) == []  # steps and workers may change; guidance_cond did not exist then
+    old["net"]["hidden"] = 64
+    assert config_differences(old, new) == ["net.hidden: 64 -> 32"]
+
+
 def test_cli_train_then_sample(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "configs/ict_toy.yaml", *TINY, "train.steps=5", f"run.dir={run}"]) == 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import torch
 from cmkit.data import Dataset, DataError, standardise
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+PARALLEL_MIN_FILES = 64  # smaller folders are decoded in this process (a pool costs more than it saves)
 GREY_MODES = ("L", "1")  # every other PIL mode is read as RGB
 
 
@@ -36,10 +40,21 @@ def _read_image(path: Path, resolution: int) -> tuple[np.ndarray, str]:
         raise DataError(f"cannot read image '{path}' ({type(e).__name__}: {e}). Remove or replace the file.") from None
 
 
+def _read_images(files: list[Path], resolution: int, workers: int):
+    """Decode every file, in worker processes when there are many (data.workers; 0 = one per core, max 8)."""
+    n = min(8, os.cpu_count() or 1) if workers == 0 else workers
+    if n <= 1 or len(files) < PARALLEL_MIN_FILES:
+        return [_read_image(p, resolution) for p in files]
+    with ProcessPoolExecutor(n) as pool:  # results keep the sorted file order; a DataError re-raises here
+        return list(pool.map(partial(_read_image, resolution=resolution), files, chunksize=max(1, len(files) // (4 * n))))
+
+
 def folder(cfg) -> Dataset:
     """Every .png/.jpg/.jpeg/.bmp under cfg.path (recursively, sorted), scaled to [-1, 1]."""
     if not cfg.path:
         raise DataError("data.name=folder needs data.path=<folder of images>")
+    if cfg.workers < 0:
+        raise DataError(f"data.workers={cfg.workers} is negative. Use 0 (one process per core), 1 (none) or more")
     root = Path(cfg.path).expanduser()
     if not root.is_dir():
         raise DataError(f"data.path='{cfg.path}' is not an existing folder. Set data.path to a folder of images.")
@@ -47,8 +62,7 @@ def folder(cfg) -> Dataset:
     if not files:
         raise DataError(f"no images in '{root}' (looked recursively for {', '.join(IMAGE_EXTENSIONS)} files)")
     pixels, first_of_size, first_of_mode = [], {}, {}
-    for p in files:
-        a, mode = _read_image(p, cfg.resolution)
+    for p, (a, mode) in zip(files, _read_images(files, cfg.resolution, cfg.workers)):
         pixels.append(a)
         first_of_mode.setdefault(mode, p)
         first_of_size.setdefault((a.shape[1], a.shape[0]), p)
