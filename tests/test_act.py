@@ -153,6 +153,75 @@ def test_penalty_is_lazy_and_equals_weighted_grad_norm():
     assert (loss_with.mean() - d_loss).item() == pytest.approx(gp.mean().item(), rel=1e-6)
 
 
+def test_loss_is_lambda_times_l_d_when_the_penalty_is_not_due():
+    w, w_mid, n, B = 0.6, 0.2, 11, 16
+    obj = _objective("method.name=act", f"method.w={w}", f"method.w_mid={w_mid}", "method.gp_interval=4",
+                     "method.w_gp=5").double()
+    _fixed_pairs(obj, n)
+    x = torch.randn(B, 2, dtype=torch.float64)
+    torch.manual_seed(11)
+    out = obj.discriminator_loss({"x": x}, Progress(16 * 3, 1600, 16))  # k = 3: 3 mod 4 != 0
+    assert "gp" not in out
+    # independent: λ_N(n+1) = w·(j/(N-1))^{log_{1/2}(w_mid/w)} at σ_{n+1} = σ_j (Eq. 10), L_D of Eq. 9 on
+    # D(x, t) and D(f(x_g + t z, t), t) with x_g = x rolled by B/2 and z the same draw
+    j = (1 + torch.arange(B) % (n - 1)).double()
+    lam = (w * (j / (n - 1)) ** (math.log(w_mid / w) / math.log(0.5))).float().double()
+    sigmas, _ = obj.ct.grid(n, x.device)
+    t = sigmas[1 + torch.arange(B) % (n - 1)].double()
+    c = obj.process.c_noise(t.float()).double()
+    torch.manual_seed(11)
+    z = torch.randn_like(x)
+    with torch.no_grad():
+        fake = obj.model(x.roll(B // 2, 0) + t[:, None] * z, t)
+        l_d = torch.nn.functional.softplus(-obj.discriminator(x, c)) + torch.nn.functional.softplus(
+            obj.discriminator(fake, c))
+    torch.testing.assert_close(out["loss"].detach(), lam * l_d, rtol=1e-6, atol=0)
+
+
+def test_penalty_ema_averages_every_micro_batch():
+    # train.accumulate=2: both micro-batches' penalties enter L̄_gp, not only the last one's
+    obj = _objective("method.name=act", "method.gp_interval=1", "method.aug_interval=1", "method.w_gp=1",
+                     "method.aug_ema=0.5").double()
+    _fixed_pairs(obj)
+    sigmas, _ = obj.ct.grid(11, "cpu")
+    progress = Progress(0, 1600, 16)
+    gps = []
+    for seed in (1, 2):
+        x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        obj.discriminator_loss({"x": x}, progress)
+        # independent: ‖∇_x D(x, c)‖² by autograd on D alone, batch mean
+        xr = x.clone().requires_grad_(True)
+        c = obj.process.c_noise(sigmas[1 + torch.arange(8) % 10].float()).double()
+        (g,) = torch.autograd.grad(obj.discriminator(xr, c).sum(), xr)
+        gps.append(g.square().sum(1).mean().item())
+    obj.after_phase("discriminator", progress)
+    assert obj.gp_ema == pytest.approx(0.5 * 0.55 + 0.5 * (gps[0] + gps[1]) / 2, rel=1e-9)
+    assert abs(gps[0] - gps[1]) > 1e-3 * gps[0]  # the two micro-batches differ, so "last only" would fail
+    # the sum restarts at the next due iteration
+    obj.record_penalty(torch.tensor(2.0), 1)
+    before = obj.gp_ema
+    obj.after_phase("discriminator", Progress(16, 1600, 16))
+    assert obj.gp_ema == pytest.approx(0.5 * before + 0.5 * 2.0, rel=1e-12)
+
+
+def test_a_batch_of_one_image_per_rank_is_rejected():
+    from cmkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="at least 2 images"):
+        _objective("method.name=act", "train.batch_size=4", "train.accumulate=4")
+    obj = _objective("method.name=act")
+    with pytest.raises(ConfigError, match="at least 2 images"):  # e.g. 2 ranks x 2 micro-batches of batch 4
+        obj.discriminator_loss({"x": torch.randn(1, 2)}, Progress(0, 100, 1))
+
+
+def test_imagenet_preset_uses_mixed_precision():
+    from cmkit.config import load_config as load
+
+    # ACT Table 6: Mixed-Precision "Yes" for ImageNet 64x64, "No" for CIFAR-10
+    assert load("configs/act_imagenet64.yaml", []).train.precision == "bf16"
+    assert load("configs/act_cifar10.yaml", []).train.precision == "fp32"
+
+
 # ----------------------------------------------------------------------------
 # ACT-Aug (Algorithm 2).
 
@@ -171,7 +240,7 @@ def test_p_aug_follows_the_hand_computed_sequence():
     want_p = [0.6, 1.0, 0.4, 0.0, 0.6]
     want_ema = [0.775, 0.4375, 0.26875, 1.134375, 0.5671875]
     for k, gp in enumerate(gps):
-        obj._gp = torch.tensor(gp, dtype=torch.float64)
+        obj.record_penalty(torch.tensor(gp, dtype=torch.float64), k)
         obj.after_phase("discriminator", Progress(k * 8, 800, 8))
         assert obj.p_aug == pytest.approx(want_p[k], abs=1e-12), k
         assert obj.gp_ema == pytest.approx(want_ema[k], abs=1e-12), k
@@ -181,7 +250,7 @@ def test_p_aug_updates_only_every_interval():
     obj = _aug_objective("method.gp_interval=1", "method.aug_interval=2", "method.aug_rate=0.05")
     ps = []
     for k in range(5):
-        obj._gp = torch.tensor(10.0)
+        obj.record_penalty(torch.tensor(10.0), k)
         obj.after_phase("discriminator", Progress(k * 8, 800, 8))
         ps.append(obj.p_aug)
     assert ps == pytest.approx([0.05, 0.05, 0.10, 0.10, 0.15])
@@ -203,6 +272,28 @@ def test_augmentation_probability_and_gradient():
     xs.grad = None
     full(xs, 1.0).square().sum().backward()
     assert torch.isfinite(xs.grad).all() and xs.grad.abs().sum() > 0
+
+
+def test_penalty_through_full_augmentation_has_finite_gradients():
+    # p_aug = 1 with flip, translate and cutout: L_gp's gradient w.r.t. D's parameters is a double
+    # backward through kornia's ops (ACT-Aug applies A(·) before D, also for the penalty)
+    obj = _aug_objective("method.aug_ops=[flip,translate,cutout]", "method.gp_interval=2", "method.w=0.5",
+                         "method.w_mid=0.5")
+    obj.p_aug = 1.0
+    _fixed_pairs(obj)
+    x = torch.randn(8, 1, 8, 8)
+    grads = {}
+    for k in (2, 3):  # due, then not due; the same seed draws the same noise and augmentation
+        obj.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        out = obj.discriminator_loss({"x": x}, Progress(8 * k, 800, 8))
+        assert ("gp" in out) == (k == 2) and torch.isfinite(out["loss"]).all()
+        out["loss"].mean().backward()
+        grads[k] = [p.grad.clone() for p in obj.discriminator.parameters()]
+        assert all(torch.isfinite(g).all() for g in grads[k])
+    assert out["p_aug"] == 1.0 and out["gp_last"] > 0
+    # the penalty's second-order term reached D's parameters
+    assert max((a - b).abs().max().item() for a, b in zip(grads[2], grads[3])) > 1e-6
 
 
 def test_augment_requires_images():
@@ -246,6 +337,30 @@ def test_resume_restores_the_discriminator_side_exactly(tmp_path):
     assert "discriminator" in a["optimizers"]
     assert a["extra"]["gp_ema"] != 0.55  # the penalty EMA moved (updated at k = 0, 2, 4)
     assert a["extra"] == b["extra"] and a["progress"] == b["progress"]
+    for part in ("objective", "optimizers", "ema"):
+        fa, fb = dict(_flat(a[part])), dict(_flat(b[part]))
+        assert fa.keys() == fb.keys()
+        for k in fa:
+            same = torch.equal(fa[k], fb[k]) if torch.is_tensor(fa[k]) else fa[k] == fb[k]
+            assert same, k
+
+
+def test_resume_restores_p_aug_exactly(tmp_path):
+    # ACT-Aug on tiny digit images with τ = 0.001: the penalty EMA stays above it, so p_aug rises by p_r
+    # at every update (k = 0..5) and a resume that lost p_aug or L̄_gp would diverge from the full run.
+    args = ["data.name=digits", *TINY_UNET, "method.name=act", "method.augment=true", "method.aug_ops=[flip,translate]",
+            "method.gp_interval=1", "method.aug_interval=1", "method.aug_target=0.001", "train.batch_size=16",
+            "train.steps=6", "run.progress=false", "run.tensorboard=false", "run.sample_n=4",
+            "run.sample_steps=[1]", "train.ema=[0.9]", "train.threads=1"]
+    train(load_config(None, [*args, f"run.dir={tmp_path / 'a'}"]))
+    cfg_b = load_config(None, [*args, f"run.dir={tmp_path / 'b'}"])
+    train(cfg_b, stop_after=3)
+    _, mid, _ = latest_checkpoint(tmp_path / "b" / "checkpoints")
+    assert mid["extra"]["p_aug"] == pytest.approx(0.15, abs=1e-12)  # 3 updates of +0.05
+    train(cfg_b)
+    (_, a, _), (_, b, _) = latest_checkpoint(tmp_path / "a" / "checkpoints"), latest_checkpoint(tmp_path / "b" / "checkpoints")
+    assert a["extra"]["p_aug"] == pytest.approx(0.30, abs=1e-12)
+    assert a["extra"] == b["extra"]
     for part in ("objective", "optimizers", "ema"):
         fa, fb = dict(_flat(a[part])), dict(_flat(b[part]))
         assert fa.keys() == fb.keys()

@@ -5,6 +5,15 @@ The consistency loss L_CT is cmkit's CT/iCT objective, composed (``self.ct``), s
 "model" minimises L_f = (1 - λ_N(n+1))·L_CT + λ_N(n+1)·L_G, "discriminator" minimises
 L_d = λ_N(n+1)·L_D + λ_N(n+1)·L_gp. The discriminator, its optimiser (made by the loop), p_aug
 and the penalty EMA all live in this objective's state, so checkpoints carry them.
+
+The gradient penalty is R1-style (Mescheder et al. 2018): ‖∇_x l(x, t)‖² of D's logit l, not of its
+probability sigmoid(l) (ACT Eq. 4 and Alg. 1 line 14 write D without saying which).
+
+Deviation from Alg. 1 line 11: the loop hands each phase one batch per micro-batch, so the fakes x_g
+are this micro-batch's own images rolled by half a batch, not a second independent draw: every fake
+comes from a different data point than the real it is paired with, and x_g has the data's marginal,
+so the expected L_D is the same. A per-rank micro-batch of 1 image would pair a real with itself
+and is rejected.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from torch import Tensor
 
 from cmkit.augment import AUG_OPS, DiffAugment
 from cmkit.config import ConfigError
+from cmkit.distributed import mean_across_ranks
 from cmkit.nets import build_discriminator
 from cmkit.nets.discriminator import ACTIVATIONS
 from cmkit.objectives.base import Objective, Phase
@@ -32,7 +42,12 @@ from cmkit.schedules import Progress, act_adversarial_weight
 
 @dataclass
 class ACTConfig(ConsistencyConfig):
-    """CT/iCT options (inherited) plus ACT's (ACT Table 6, CIFAR-10 column as defaults)."""
+    """CT/iCT options (inherited) plus ACT's (ACT Table 6, CIFAR-10 column as defaults).
+
+    aug_target τ = 0.55 is compared with the EMA of L_gp = w_gp·‖∇_x l‖², the penalty on D's logit l
+    (R1 style) times w_gp: what τ means depends on both, so a penalty on sigmoid(l) or another w_gp
+    would need another τ (the paper states neither; cmkit uses the logit and w_gp = 1).
+    """
 
     name: str = "act"
     w: float = 0.3  # λ_N at n = N-1 (Eq. 10)
@@ -92,8 +107,12 @@ class AdversarialConsistencyTraining(Objective):
         # ACT Alg. 2 line 2: p_aug ← 0 and L̄_gp ← τ.
         self.p_aug = 0.0
         self.gp_ema = m.aug_target
-        self._gp: Tensor | None = None  # this step's penalty (w_gp·‖∇D‖², batch mean), read in after_phase
+        # This iteration's penalties (w_gp·‖∇l‖², batch means): iteration k, their sum over the rank's
+        # micro-batches and their count; averaged over micro-batches and ranks in after_phase.
+        self._gp_k, self._gp_sum, self._gp_count = -1, None, 0
         self._gp_last: Tensor | None = None
+        if cfg.train.batch_size // cfg.train.accumulate < 2:  # ranks split it further: checked per batch too
+            raise ConfigError(_small_batch_message(cfg.train.batch_size // cfg.train.accumulate))
 
     @property
     def model(self):
@@ -117,6 +136,13 @@ class AdversarialConsistencyTraining(Objective):
         if train:
             return self.discriminator(x, c_noise, labels)
         return frozen_call(self.discriminator, x, c_noise, labels)
+
+    def record_penalty(self, gp: Tensor, k: int) -> None:
+        """Add one micro-batch's mean penalty to iteration k's sum (a new k starts a new sum)."""
+        if k != self._gp_k:
+            self._gp_k, self._gp_sum, self._gp_count = k, torch.zeros((), dtype=torch.float64, device=gp.device), 0
+        self._gp_sum = self._gp_sum + gp.detach().to(torch.float64)
+        self._gp_count += 1
 
     def adversarial_weight(self, sigma_next: Tensor, n: int) -> Tensor:
         """λ_N(n+1) per sample (Eq. 10), from σ_{n+1}'s index on the current N-point grid."""
@@ -152,8 +178,10 @@ class AdversarialConsistencyTraining(Objective):
 
     def discriminator_loss(self, batch, progress: Progress) -> dict:
         # Alg. 1 lines 11-12: own real batch and own n; fakes from other images of the batch
-        # (x_g, rolled by half a batch) so real and fake come from different data points.
+        # (x_g, rolled by half a batch) so real and fake come from different data points (module docstring).
         x_r, labels = batch["x"], batch.get("labels")
+        if x_r.shape[0] < 2:
+            raise ConfigError(_small_batch_message(x_r.shape[0]))
         half = x_r.shape[0] // 2
         x_g = x_r.roll(half, 0)
         labels_g = labels.roll(half, 0) if labels is not None else None
@@ -175,8 +203,9 @@ class AdversarialConsistencyTraining(Objective):
         if due:
             # Alg. 1 line 14: L_gp = w_gp·‖∇_{x_r} D(x_r, t_{n+1})‖²·[k mod I_gp = 0] (through A(·) in ACT-Aug).
             gp = self.cfg.w_gp * gradient_penalty(real_logits, x_r)
-            self._gp = self._gp_last = gp.detach().mean()
-            logs["gp"] = self._gp
+            self._gp_last = gp.detach().mean()
+            self.record_penalty(self._gp_last, progress.k)
+            logs["gp"] = self._gp_last
             loss = loss + lam * gp  # line 15
         if self._gp_last is not None:
             logs["gp_last"] = self._gp_last  # the latest lazy penalty, logged at every step
@@ -188,9 +217,13 @@ class AdversarialConsistencyTraining(Objective):
         if phase == "model":
             self.ct.after_phase(phase, progress)  # CT's EMA teacher (Alg. 1 line 10); nothing for iCT
             return
-        if self._gp is None or not lazy_due(progress.k, self.cfg.gp_interval):
+        if self._gp_count == 0 or self._gp_k != progress.k or not lazy_due(progress.k, self.cfg.gp_interval):
             return
-        gp, self._gp = float(self._gp), None
+        # L_gp of this iteration: the mean over every micro-batch of every rank (one all-reduce; the same
+        # number as one process accumulating them), so p_aug and L̄_gp agree on all ranks and with 1 process.
+        count = torch.tensor(float(self._gp_count), dtype=torch.float64, device=self._gp_sum.device)
+        total, count = mean_across_ranks(torch.stack([self._gp_sum, count])).tolist()
+        gp, self._gp_count = total / count, 0
         if not lazy_due(progress.k, self.cfg.aug_interval):
             return
         # Alg. 2 lines 17-19: p_aug from the EMA before this update, then the EMA itself.
@@ -205,3 +238,9 @@ class AdversarialConsistencyTraining(Objective):
         self.p_aug = float(state.get("p_aug", 0.0))
         self.gp_ema = float(state.get("gp_ema", self.cfg.aug_target))
         self.ct.load_extra_state(state)
+
+
+def _small_batch_message(per_rank: int) -> str:
+    return (f"ACT's discriminator step needs at least 2 images per rank and micro-batch (its fakes are the "
+            f"batch's other images, rolled by half), got {per_rank} = train.batch_size / (ranks x "
+            f"train.accumulate). Raise train.batch_size or lower train.accumulate")
