@@ -64,7 +64,12 @@ CURRICULA = {"exp": n_exp, "sqrt": n_sqrt, "const": n_const}
 
 
 def ct_teacher_ema(n: int, s0: int, mu0: float) -> float:
-    """CT teacher EMA decay μ(k) = exp(s0·log μ0 / N(k)) (iCT Table 1, left column)."""
+    """CT teacher EMA decay μ(k) = exp(s0·log μ0 / N(k)) (iCT Table 1, left column); μ0 = 0 gives μ = 0.
+
+    The limit of exp(s0·log μ0 / N) as μ0 → 0 is 0: the teacher is the student (iCT's choice).
+    """
+    if mu0 == 0:
+        return 0.0
     return math.exp(s0 * math.log(mu0) / n)
 
 

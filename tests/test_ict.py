@@ -70,6 +70,21 @@ def test_ct_teacher_lags_with_ema():
     assert any(not torch.equal(pt, ps) for pt, ps in zip(obj.teacher.parameters(), obj.model.parameters()))
 
 
+def test_ct_teacher_ema_with_mu0_zero_is_the_student():
+    # validate accepts mu0 in [0, 1); mu0 = 0 means mu(k) = 0, so after a step the teacher equals the student.
+    obj = _objective("method.name=ct", "method.mu0=0.0")
+    assert obj.teacher is not None
+    opt = torch.optim.SGD(obj.model.parameters(), lr=0.1)
+    prog = Progress(0, 1000, 32)
+    obj.loss({"x": torch.randn(32, 2)}, prog)["loss"].mean().backward()
+    opt.step()
+    obj.after_phase("model", prog)
+    moved = [p for p in obj.model.parameters() if p.grad is not None and p.grad.abs().max() > 0]
+    assert moved  # the student changed, so equality below is not the initial copy
+    for pt, ps in zip(obj.teacher.parameters(), obj.model.parameters()):
+        assert torch.equal(pt, ps)
+
+
 def test_ict_loss_is_weighted_pseudo_huber():
     obj = _objective("method.name=ict")
     torch.manual_seed(1)

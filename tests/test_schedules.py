@@ -52,6 +52,8 @@ def test_ct_teacher_ema():
     assert ct_teacher_ema(2, 2, 0.9) == pytest.approx(0.9)
     assert ct_teacher_ema(151, 2, 0.9) == pytest.approx(0.9 ** (2 / 151))
     assert ct_teacher_ema(11, 2, 0.9) < ct_teacher_ema(101, 2, 0.9) < 1
+    # mu0 = 0 (accepted by validate): the limit exp(s0 log mu0 / N) -> 0, no math domain error.
+    assert ct_teacher_ema(11, 2, 0.0) == 0.0
 
 
 def test_karras_grid_endpoints_and_formula():
@@ -86,8 +88,28 @@ def test_uniform_probs():
 def test_reciprocal_weighting_decreases():
     s = karras_sigmas(41, 0.002, 80.0, 7.0)
     lam = reciprocal_weighting(s[:-1], s[1:])
-    assert torch.allclose(lam, 1 / (s[1:] - s[:-1]))
     assert torch.all(lam[1:] < lam[:-1])  # iCT Sec. 3.1: smaller weight at higher noise
+
+
+def test_reciprocal_weighting_golden_values():
+    # N = 2: the grid is [σ_min, σ_max], so λ(σ_1) = 1/(80 - 0.002) = 1/79.998.
+    s = karras_sigmas(2, 0.002, 80.0, 7.0)
+    assert reciprocal_weighting(s[:1], s[1:]).item() == pytest.approx(1 / 79.998, rel=1e-12)
+    # N = 11, the pair (σ_1, σ_2) in the paper's 1-based indices, by hand from iCT Sec. 2's grid:
+    # σ_i = (a + (i-1)/10·(b - a))^7 with a = 0.002^(1/7) = 0.41156, b = 80^(1/7) = 1.87012;
+    # a + 0.1·(b - a) = 0.557416; its square 0.310713, 4th power 0.096543, 6th 0.029997, 7th 0.016721,
+    # so λ = 1/(0.016721 - 0.002) = 1/0.014721 = 67.93.
+    a, b = 0.002 ** (1 / 7), 80.0 ** (1 / 7)
+    assert a == pytest.approx(0.41156, abs=1e-5) and b == pytest.approx(1.87012, abs=1e-5)
+    sigma2 = (a + 0.1 * (b - a)) ** 7
+    assert sigma2 == pytest.approx(0.016721, abs=1e-6)
+    s = karras_sigmas(11, 0.002, 80.0, 7.0)
+    lam = reciprocal_weighting(s[:-1], s[1:])
+    assert lam[0].item() == pytest.approx(1 / (sigma2 - 0.002), rel=1e-10)
+    assert lam[0].item() == pytest.approx(67.93, abs=0.01)
+    # the last pair (σ_10, σ_11 = 80): σ_10 = (a + 0.9·(b - a))^7
+    sigma10 = (a + 0.9 * (b - a)) ** 7
+    assert lam[-1].item() == pytest.approx(1 / (80.0 - sigma10), rel=1e-10)
 
 
 def test_pseudo_huber_c_cifar():
