@@ -111,22 +111,85 @@ def test_bad_vae_path_is_a_data_error(tmp_path):
         load_autoencoder(tmp_path / "empty")
 
 
-def test_diffusers_autoencoder_from_local_directory(tmp_path, digits):
-    diffusers = pytest.importorskip("diffusers")
+def _tiny_autoencoder_kl(diffusers):
+    """A random-weight AutoencoderKL small enough for CPU tests (MACHINE-NOTES 7: 658k parameters)."""
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                                  norm_num_groups=4, layers_per_block=1)
-    vae.save_pretrained(tmp_path / "vae")
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+                                   down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=16,
+                                   layers_per_block=1).eval()
+
+
+def test_diffusers_autoencoder_from_local_directory(tmp_path, digits):
+    diffusers = pytest.importorskip("diffusers", reason="the diffusers path needs the extra: pip install 'cmkit[latent]'")
+    from cmkit.latent import DiffusersAutoencoder
+
+    vae = _tiny_autoencoder_kl(diffusers)
+    vae.save_pretrained(tmp_path / "vae")  # safetensors by default
     ae = load_autoencoder(tmp_path / "vae")
-    assert type(ae).__name__ == "DiffusersAutoencoder"
-    ds = load_dataset(_latent_cfg(tmp_path / "vae", tmp_path / "cache", "data.split=test"))
-    assert ds.shape == (4, 4, 4)  # one downsampling per extra block: 8 -> 4
-    # Greyscale data goes in as RGB and comes back as the channel mean.
-    x = ds.pixels.x[:5]
+    assert type(ae) is DiffusersAutoencoder and ae.in_channels == 3
+    # The wrapper's documented contract: encode = latent_dist.mean (not a posterior draw), decode = .sample.
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
-        ref = vae.decode(vae.encode(x.expand(-1, 3, -1, -1)).latent_dist.mean).sample.mean(1, keepdim=True)
+        dist = vae.encode(x).latent_dist
+        z = ae.encode(x)
+        assert z.shape == (2, 4, 4, 4)  # 2 blocks: one downsampling, 8 -> 4; 4 latent channels
+        assert torch.allclose(z, dist.mean, atol=1e-6)
+        assert not torch.allclose(z, dist.sample(torch.Generator().manual_seed(0)), atol=1e-3)
+        y = ae.decode(z)
+        assert y.shape == (2, 3, 8, 8) and torch.allclose(y, vae.decode(dist.mean).sample, atol=1e-6)
+    # Through data.vae: greyscale data go in as RGB and come back as the channel mean.
+    ds = load_dataset(_latent_cfg(tmp_path / "vae", tmp_path / "cache", "data.split=test"))
+    assert isinstance(ds, LatentDataset) and ds.shape == (4, 4, 4) and len(ds) == 179
+    xp = ds.pixels.x[:5]
+    with torch.no_grad():
+        ref = vae.decode(vae.encode(xp.expand(-1, 3, -1, -1)).latent_dist.mean).sample.mean(1, keepdim=True)
     assert torch.allclose(ds.decode(ds.x[:5]), ref, atol=1e-4)
+    # The weights hash names the content, not the folder: a copy elsewhere keys the same latent cache.
+    import shutil
+
+    shutil.copytree(tmp_path / "vae", tmp_path / "elsewhere")
+    assert load_autoencoder(tmp_path / "elsewhere").identity() == ae.identity()
+
+
+def test_diffusers_pickle_weights_are_refused(tmp_path):
+    diffusers = pytest.importorskip("diffusers", reason="the diffusers path needs the extra: pip install 'cmkit[latent]'")
+    _tiny_autoencoder_kl(diffusers).save_pretrained(tmp_path / "vae", safe_serialization=False)  # a pickled .bin
+    assert (tmp_path / "vae" / "diffusion_pytorch_model.bin").is_file()
+    with pytest.raises(DataError, match="safetensors"):
+        load_autoencoder(tmp_path / "vae")
+
+
+def test_weights_hash_of_a_zero_dim_buffer():
+    import hashlib
+
+    from cmkit.latent import weights_hash
+
+    m = torch.nn.Module()
+    m.register_buffer("count", torch.tensor(5, dtype=torch.int64))  # 0-dim, like BatchNorm's num_batches_tracked
+    # Computed here: sha256 of "name:shape:dtype" then the 8 little-endian bytes of 5.
+    expected = hashlib.sha256(b"count:():torch.int64" + (5).to_bytes(8, "little")).hexdigest()
+    assert weights_hash(m) == expected
+    m.count.fill_(6)
+    assert weights_hash(m) != expected
+    bn = torch.nn.BatchNorm2d(2)
+    assert len(weights_hash(bn)) == 64
+
+
+def test_encoding_device_is_passed_through(ae_dir, tmp_path, monkeypatch):
+    import cmkit.latent.dataset as latent_dataset
+
+    seen = []
+    original = latent_dataset.encode_images
+
+    def recording(ae, x, batch_size=256, device="cpu"):
+        seen.append(str(device))
+        return original(ae, x, batch_size, device)
+
+    monkeypatch.setattr(latent_dataset, "encode_images", recording)
+    load_dataset(_latent_cfg(ae_dir, tmp_path / "a"))
+    load_dataset(_latent_cfg(ae_dir, tmp_path / "b"), device="cpu:0")
+    assert seen == ["cpu", "cpu:0"]
 
 
 def test_outlier_stats_hand_values():
@@ -174,3 +237,75 @@ def test_ilct_on_latents_end_to_end(ae_dir, tmp_path):
     assert x.shape == (6, 1, 8, 8) and float(x.min()) >= 0 and float(x.max()) <= 1
     assert (tmp_path / "run" / "samples_1step.png").is_file()
     assert main(["inspect-data", "--run", str(tmp_path / "run"), "--n", "64", "--td-steps", "11"]) == 0
+
+
+class _TimeModel(torch.nn.Module):
+    """f(x, t, y) = (1 + y)·t everywhere: TD = (1 + y)(σ_{i+1} - σ_i) exactly, whatever the noise."""
+
+    def __init__(self, process=None):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))  # td_values reads the device from a parameter
+        self.process = process
+
+    def forward(self, x, t, class_labels=None):
+        scale = 1.0 if class_labels is None else 1.0 + class_labels.to(x.dtype)
+        return (scale * t.to(x.dtype)).reshape(-1, *([1] * (x.ndim - 1))).expand_as(x) + 0 * self.w
+
+
+def _karras_gaps(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """σ_{i+1} - σ_i of Karras et al. (2022) Eq. 5, written out here."""
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    s = [(lo + i / (n - 1) * (hi - lo)) ** rho for i in range(n)]
+    return torch.tensor([b - a for a, b in zip(s, s[1:])], dtype=torch.float64)
+
+
+def test_td_values_closed_form_with_labels():
+    from cmkit.latent.stats import td_values
+
+    n, N = 400, 11
+    x0 = torch.randn(n, 2, 3)
+    labels = torch.arange(n) % 3
+    td = td_values(_TimeModel(), x0, labels=labels, num_scales=N, schedule="uniform", seed=1, batch_size=64)
+    assert td.shape == x0.shape
+    per_sample = td.reshape(n, -1)
+    assert torch.equal(per_sample, per_sample[:, :1].expand_as(per_sample))  # one TD value per sample
+    gap = per_sample[:, 0].double() / (1 + labels.double())  # the labels reached the model, in order
+    gaps = _karras_gaps(N)
+    nearest = (gap[:, None] - gaps[None]).abs().argmin(1)
+    torch.testing.assert_close(gap, gaps[nearest], rtol=1e-5, atol=1e-6)  # every TD is (1+y)·(σ_{i+1} - σ_i)
+    # uniform index distribution over the N-1 pairs: each gap drawn about n/(N-1) = 40 times
+    counts = torch.bincount(nearest, minlength=N - 1)
+    assert counts.min() > 15 and counts.max() < 70, counts
+    with pytest.raises(ValueError, match="labels"):
+        td_values(_TimeModel(), x0, labels=labels[:5], num_scales=N)
+
+
+def test_run_td_values_labels_and_trigflow_refused():
+    from types import SimpleNamespace
+
+    from cmkit.config import ConfigError
+    from cmkit.data import Dataset
+    from cmkit.latent.stats import run_td_values
+    from cmkit.processes import TrigFlow, VEProcess
+
+    x = torch.randn(50, 4)
+    labels = torch.arange(50) % 5
+    ds = Dataset("toy", x, labels, "vector", 5)
+
+    def fake_run(process, class_cond, method):
+        cfg = SimpleNamespace(method=method, net=SimpleNamespace(class_cond=class_cond))
+        model = _TimeModel(process)
+        return SimpleNamespace(cfg=cfg, dataset=ds, dir="runs/x", model=lambda ema=True: model)
+
+    ict = SimpleNamespace(name="ict", noise_schedule="uniform", p_mean=-1.1, p_std=2.0)
+    process = VEProcess(sigma_min=0.01, sigma_max=10.0, rho=3.0)
+    td = run_td_values(fake_run(process, True, ict), n=30, num_scales=5, seed=2)
+    idx = torch.randperm(50, generator=torch.Generator().manual_seed(2))[:30]  # the seeded subset
+    gap = td[:, 0].double() / (1 + labels[idx].double())
+    gaps = _karras_gaps(5, 0.01, 10.0, 3.0)  # the run's own grid, from its process
+    torch.testing.assert_close(gap, gaps[(gap[:, None] - gaps).abs().argmin(1)], rtol=1e-5, atol=1e-6)
+    unconditional = run_td_values(fake_run(process, False, ict), n=30, num_scales=5, seed=2)
+    torch.testing.assert_close(unconditional[:, 0].double(), gap, rtol=1e-5, atol=1e-6)
+    scm = SimpleNamespace(name="sct")  # no sigma_min: TrigFlow time has no σ grid
+    with pytest.raises(ConfigError, match="discrete-time VE"):
+        run_td_values(fake_run(TrigFlow(), False, scm), n=30)

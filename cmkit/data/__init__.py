@@ -107,14 +107,18 @@ DATASETS: dict[str, Callable] = {
 }
 
 
-def load_dataset(cfg) -> Dataset:
-    """Load DATASETS[cfg.name] from a DataConfig: padded, labelled and split as configured."""
+def load_dataset(cfg, device: str | torch.device = "cpu") -> Dataset:
+    """Load DATASETS[cfg.name] from a DataConfig: padded, labelled and split as configured.
+
+    ``device`` is where a data.vae autoencoder encodes the images (once, then cached); the data
+    themselves stay on the CPU.
+    """
     if getattr(cfg, "vae", ""):  # latent space (iLCT): encode the pixel dataset once, cached
         from dataclasses import replace
 
         from cmkit.latent import encode_dataset
 
-        return encode_dataset(load_dataset(replace(cfg, vae="")), cfg.vae, cfg.cache_dir)
+        return encode_dataset(load_dataset(replace(cfg, vae="")), cfg.vae, cfg.cache_dir, device=device)
     if cfg.name not in DATASETS:
         raise DataError(f"unknown data.name '{cfg.name}'. Valid datasets: {', '.join(DATASETS)}")
     if cfg.split not in SPLITS:  # checked before a slow load

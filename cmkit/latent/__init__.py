@@ -27,7 +27,8 @@ def weights_hash(module: nn.Module, extra: str = "") -> str:
     for name, t in sorted(module.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape(-1) first: a 0-dim tensor (e.g. BatchNorm's num_batches_tracked) cannot be viewed as bytes.
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -75,7 +76,10 @@ class OwnAutoencoder(Autoencoder):
 
 
 class DiffusersAutoencoder(Autoencoder):
-    """diffusers' AutoencoderKL from a local directory; encodes to the posterior mean (LDM)."""
+    """diffusers' AutoencoderKL from a local directory (safetensors only); encodes to the posterior mean (LDM).
+
+    encode(x) = AutoencoderKL.encode(x).latent_dist.mean, decode(z) = AutoencoderKL.decode(z).sample.
+    """
 
     def __init__(self, path: Path):
         try:
@@ -83,9 +87,18 @@ class DiffusersAutoencoder(Autoencoder):
         except ImportError:
             raise DataError(f"data.vae='{path}' is a diffusers AutoencoderKL; it needs diffusers: "
                             f"pip install 'cmkit[latent]'") from None
-        self.module = AutoencoderKL.from_pretrained(str(path), local_files_only=True).eval()
+        try:
+            # use_safetensors: never unpickle a diffusion_pytorch_model.bin; local_files_only: never download.
+            self.module = AutoencoderKL.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                                        low_cpu_mem_usage=False).eval()
+        except OSError as e:
+            raise DataError(f"cannot load the diffusers AutoencoderKL in data.vae='{path}' ({e}). cmkit reads "
+                            f"safetensors weights only: re-save it with save_pretrained(dir, "
+                            f"safe_serialization=True)") from None
         self.in_channels = int(self.module.config.in_channels)
-        self._id = weights_hash(self.module, json.dumps(dict(self.module.config), sort_keys=True, default=str))
+        # The hash names the content, not where it lies: diffusers records the load path in _name_or_path.
+        config = {k: v for k, v in dict(self.module.config).items() if k != "_name_or_path"}
+        self._id = weights_hash(self.module, json.dumps(config, sort_keys=True, default=str))
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:

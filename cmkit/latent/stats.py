@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cmkit.config import ConfigError
+from cmkit.processes import VEProcess
 from cmkit.schedules import INDEX_DISTRIBUTIONS, karras_sigmas
 
 
@@ -40,13 +42,16 @@ def outlier_stats(values: Tensor | np.ndarray, max_values: int = 4_000_000, seed
 
 
 @torch.no_grad()
-def td_values(model, x0: Tensor, *, num_scales: int = 21, sigma_min: float = 0.002, sigma_max: float = 80.0,
-              rho: float = 7.0, schedule: str = "lognormal", p_mean: float = -1.1, p_std: float = 2.0,
-              seed: int = 0, batch_size: int = 256) -> Tensor:
+def td_values(model, x0: Tensor, *, labels: Tensor | None = None, num_scales: int = 21, sigma_min: float = 0.002,
+              sigma_max: float = 80.0, rho: float = 7.0, schedule: str = "lognormal", p_mean: float = -1.1,
+              p_std: float = 2.0, seed: int = 0, batch_size: int = 256) -> Tensor:
     """TD = f_θ(x_{t_{i+1}}, t_{i+1}) - f_θ(x_{t_i}, t_i) with shared z (iLCT Sec. 4.1, Fig. 1: N = 21).
 
-    i is drawn from the training index distribution over the N-point Karras grid.
+    i is drawn from the training index distribution over the N-point Karras grid; ``labels`` (n,)
+    are the class labels of x0 for a class-conditional model.
     """
+    if labels is not None and labels.shape[:1] != x0.shape[:1]:
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match {x0.shape[0]} data points")
 
     class _Cfg:  # INDEX_DISTRIBUTIONS reads p_mean and p_std from a method config
         pass
@@ -64,10 +69,38 @@ def td_values(model, x0: Tensor, *, num_scales: int = 21, sigma_min: float = 0.0
         z = torch.randn(xb.shape, generator=g)
         t_i, t_next = sigmas[i].float(), sigmas[i + 1].float()
         shape = (-1,) + (1,) * (xb.ndim - 1)
-        a = model((xb + t_next.reshape(shape) * z).to(device), t_next.to(device))
-        b = model((xb + t_i.reshape(shape) * z).to(device), t_i.to(device))
+        yb = labels[s:s + batch_size].to(device) if labels is not None else None
+        a = model((xb + t_next.reshape(shape) * z).to(device), t_next.to(device), yb)
+        b = model((xb + t_i.reshape(shape) * z).to(device), t_i.to(device), yb)
         out.append((a - b).float().cpu())
     return torch.cat(out)
+
+
+def run_td_values(run, n: int = 2000, *, num_scales: int = 21, seed: int = 0, ema: bool = True) -> Tensor:
+    """TD values (``td_values``) of a loaded run's model on n seeded training points, with its grid and labels.
+
+    TD is defined on the discrete VE grid σ_1 < ... < σ_N (iLCT Sec. 4.1); continuous-time TrigFlow
+    runs (sCT/sCD, TrigFlow diffusion) have no such grid and are refused with a ConfigError.
+    """
+    model, m = run.model(ema), run.cfg.method
+    process = getattr(model, "process", None)
+    if not isinstance(process, VEProcess):
+        raise ConfigError(
+            f"TD statistics need a discrete-time VE model (ct, ict, ilct, cd, act, cmgan, edm); run '{run.dir}' "
+            f"uses method '{m.name}' with the {getattr(process, 'name', type(process).__name__)} process, which "
+            f"has no σ grid. Inspect its data without --run")
+    if num_scales < 2:
+        raise ConfigError(f"--td-steps {num_scales}: the TD grid needs at least 2 points (iLCT Fig. 1: 21)")
+    ds = run.dataset
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    labels = None
+    if run.cfg.net.class_cond:
+        if ds.labels is None:
+            raise ConfigError("the run's model is class-conditional but its data have no labels; set data.labels=true")
+        labels = ds.labels[idx]
+    return td_values(model, ds.x[idx], labels=labels, num_scales=num_scales, sigma_min=process.sigma_min,
+                     sigma_max=process.sigma_max, rho=process.rho, schedule=getattr(m, "noise_schedule", "lognormal"),
+                     p_mean=getattr(m, "p_mean", -1.1), p_std=getattr(m, "p_std", 2.0), seed=seed)
 
 
 def format_stats(title: str, s: dict) -> str:
