@@ -1,5 +1,6 @@
 """CT/iCT objective: teacher behaviour and shared dropout masks (iCT Sec. 3.1-3.2)."""
 
+import pytest
 import torch
 
 from cmkit.config import load_config
@@ -103,3 +104,44 @@ def test_ict_loss_is_weighted_pseudo_huber():
     ref = (torch.sqrt(((a - b) ** 2).sum(1) + c * c) - c) / (sn - si).float()
     assert n == 11
     assert torch.allclose(out["loss"].detach(), ref, rtol=1e-5)
+
+
+class _Spy(torch.nn.Module):
+    """A 'consistency model' that records (input, σ) of each call and returns a fixed f."""
+
+    def __init__(self, process, f):
+        super().__init__()
+        self.process, self.f, self.calls = process, f, []
+
+    def forward(self, x, t, class_labels=None):
+        self.calls.append((x.clone(), t.clone()))
+        return self.f.expand_as(x).clone()
+
+
+def test_two_step_sampler_uses_the_configured_mid_sigma():
+    import math
+
+    from cmkit.config import ConfigError, load_config
+    from cmkit.sampling import consistency_sample
+
+    # iCT App. B: σ_{i_2} = 1.526 for ImageNet 64 with iCT (0.821 for CIFAR-10, the default).
+    assert load_config(None, ["method.name=ict"]).method.mid_sigmas == [0.821]
+    cfg = load_config("configs/ict_imagenet64.yaml")
+    assert cfg.method.mid_sigmas == [1.526]
+    obj = _objective("method.name=ict", "method.mid_sigmas=[1.526]")
+    times = obj.sample_times(2)
+    assert times == [80.0, 1.526]
+    f = torch.tensor([[0.25, -0.5]])
+    spy = _Spy(obj.process, f)
+    noise = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    consistency_sample(spy, noise, times, generator=torch.Generator().manual_seed(1))
+    (x1, t1), (x2, t2) = spy.calls
+    assert torch.equal(t1, torch.full((3,), 80.0)) and torch.equal(t2, torch.full((3,), 1.526))
+    torch.testing.assert_close(x1, 80.0 * noise)  # x_T = σ_max·z
+    z = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))  # the sampler's first draw
+    # Song et al. 2023 Alg. 1: x ← f + sqrt(τ² - σ_min²)·z, τ = 1.526, σ_min = 0.002.
+    torch.testing.assert_close(x2, f + math.sqrt(1.526**2 - 0.002**2) * z)
+    with pytest.raises(ConfigError, match="mid_sigmas"):
+        load_config(None, ["method.name=ict", "method.mid_sigmas=[90.0]"])
+    with pytest.raises(ConfigError, match="mid_sigmas"):
+        load_config(None, ["method.name=cd", "method.teacher=analytic", "method.mid_sigmas=[0.5, 1.0]"])

@@ -8,7 +8,17 @@ from torch.func import jvp
 
 from cmkit.config import NetConfig
 from cmkit.nets import NETWORKS, build_network
-from cmkit.nets.layers import EMBEDDINGS, NORMS, Attention, FourierEmbedding, ResBlock, make_embedding, make_norm
+from cmkit.nets.layers import (
+    EMBEDDINGS,
+    MODULATIONS,
+    NORMS,
+    Attention,
+    FourierEmbedding,
+    ResBlock,
+    make_embedding,
+    make_norm,
+)
+from cmkit.nets.unet import UNet
 
 
 def unet_cfg(**kw) -> NetConfig:
@@ -161,6 +171,70 @@ def test_jvp_with_dropout_reuses_the_forward_mask(cfg, shape):
     assert torch.equal(primal, seeded(x, c))  # same RNG state -> bit-identical primal
     assert not torch.allclose(seeded(x, c), net(x, c))  # dropout is active
     assert rel_err(tangent, central_fd(seeded, (x, c), (tx, tc))) < 1e-5
+
+
+# ----------------------------------------------------------------------------
+# Conditioning variants and resolution-limited dropout (iCT App. B, ImageNet 64).
+
+
+@pytest.mark.parametrize("modulation", sorted(MODULATIONS))
+def test_modulated_unet_shape_and_jvp_match_finite_difference(modulation):
+    torch.manual_seed(0)
+    net = perturb(UNet((1, 8, 8), channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
+                       num_groups=4, modulation=modulation)).double().eval()
+    assert all(b.modulation == modulation for b in net.enc if isinstance(b, ResBlock))
+    x, c = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.randn(2, dtype=torch.float64) * 2
+    tx, tc = torch.randn_like(x), torch.randn_like(c)
+    primal, tangent = jvp(net, (x, c), (tx, tc))
+    assert primal.shape == x.shape and torch.isfinite(primal).all()
+    assert rel_err(tangent, central_fd(net, (x, c), (tx, tc))) < 1e-5
+    assert jvp(net, (x, c), (torch.zeros_like(x), tc))[1].abs().max() > 0  # c_noise reaches the output
+
+
+def test_additive_modulation_is_adm_without_scale_shift_norm():
+    # ADM ResBlock, use_scale_shift_norm=False: h = conv2(SiLU(norm2(conv1(SiLU(norm1(x))) + Linear(SiLU(emb))))) + x.
+    torch.manual_seed(0)
+    block = perturb(ResBlock(8, 8, emb_dim=16, num_groups=4, modulation="add")).double()
+    assert block.emb.out_features == 8  # one offset per channel, no (scale, shift) pair
+    x, emb = torch.randn(2, 8, 4, 4, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64)
+    F = torch.nn.functional
+    h = block.conv1(F.silu(block.norm1(x)))
+    h = h + (F.silu(emb) @ block.emb.weight.T + block.emb.bias)[:, :, None, None]
+    ref = x + block.conv2(F.silu(F.group_norm(h, 4, block.norm2.weight, block.norm2.bias, block.norm2.eps)))
+    torch.testing.assert_close(block(x, emb), ref)
+    with pytest.raises(ValueError, match="Valid: film, double_norm, add"):
+        ResBlock(8, 8, emb_dim=16, num_groups=4, modulation="scale")
+
+
+def _dropout_by_resolution(net: UNet, size: int) -> dict[int, set[float]]:
+    """Dropout rates of the ResBlocks, keyed by the resolution each block runs at (hooks on a forward pass)."""
+    seen: dict[int, set[float]] = {}
+    hooks = [b.register_forward_hook(lambda m, a, out: seen.setdefault(out.shape[-1], set()).add(m.dropout.p))
+             for b in net.modules() if isinstance(b, ResBlock)]
+    net(torch.randn(1, 1, size, size), torch.zeros(1))
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_dropout_only_at_low_resolutions():
+    # iCT App. B: on ImageNet 64 dropout 0.2 only where the feature map is <= 16x16. Here 32 -> 16 -> 8, max res 16.
+    kw = dict(channels=8, channel_mult=(1, 1, 1), num_blocks=1, attn_resolutions=(), num_groups=4, dropout=0.2)
+    limited = UNet((1, 32, 32), dropout_max_res=16, **kw)
+    assert _dropout_by_resolution(limited, 32) == {32: {0.0}, 16: {0.2}, 8: {0.2}}
+    assert _dropout_by_resolution(UNet((1, 32, 32), **kw), 32) == {32: {0.2}, 16: {0.2}, 8: {0.2}}  # 0 = everywhere
+    # In train mode the full-resolution blocks are deterministic, the low-resolution ones are not.
+    perturb(limited).train()
+    x, c = torch.randn(2, 1, 32, 32), torch.zeros(2)
+    first = limited.enc[0]
+    emb = limited.embed(c, None, 2)
+    torch.manual_seed(1)
+    a = first(limited.conv_in(x), emb)
+    b = first(limited.conv_in(x), emb)
+    assert torch.equal(a, b)
+    assert not torch.equal(limited(x, c), limited(x, c))
+    with pytest.raises(ValueError, match="dropout_max_res"):
+        UNet((1, 32, 32), dropout_max_res=-1, **kw)
 
 
 # ----------------------------------------------------------------------------

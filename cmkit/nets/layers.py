@@ -202,12 +202,13 @@ def pixel_norm(x: Tensor, eps: float = 1e-8) -> Tensor:
     return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + eps)
 
 
-# ResBlock noise conditioning: ADM's AdaGN 'film' or sCM's adaptive double normalisation.
-MODULATIONS = ("film", "double_norm")
+# ResBlock noise conditioning: ADM's AdaGN 'film', sCM's adaptive double normalisation, or ADM's plain
+# addition of the projected embedding (use_scale_shift_norm=False; iCT App. B removes AdaGN on ImageNet 64).
+MODULATIONS = ("film", "double_norm", "add")
 
 
 class ResBlock(nn.Module):
-    """ADM residual block with FiLM noise conditioning, h = norm(h)·(1 + scale) + shift, and optional attention."""
+    """ADM residual block with noise conditioning (MODULATIONS; film: norm(h)·(1 + scale) + shift) and optional attention."""
 
     def __init__(
         self,
@@ -227,7 +228,8 @@ class ResBlock(nn.Module):
         self.modulation = modulation
         self.norm1 = make_norm(norm, in_ch, num_groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, 2 * out_ch)  # ADM use_scale_shift_norm: emb -> (scale, shift)
+        # ADM use_scale_shift_norm: emb -> (scale, shift); without it (add): emb -> one per-channel offset.
+        self.emb = nn.Linear(emb_dim, (1 if modulation == "add" else 2) * out_ch)
         self.norm2 = make_norm(norm, out_ch, num_groups)
         self.dropout = nn.Dropout(dropout)  # global RNG: objectives replay masks by restoring its state
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))  # ADM: block starts as its skip
@@ -236,7 +238,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        e = self.emb(F.silu(emb))[:, :, None, None]
+        if self.modulation == "add":
+            # ADM ResBlock with use_scale_shift_norm=False: h = out_layers(h + emb_out), out_layers = norm, SiLU, ...
+            h = self.conv2(self.dropout(F.silu(self.norm2(h + e))))
+            h = self.skip(x) + h
+            return self.attn(h) if self.attn is not None else h
+        scale, shift = e.chunk(2, dim=1)
         if self.modulation == "double_norm":
             # sCM Sec. 4.1 adaptive double normalisation: y = norm(x)⊙pnorm(s(t)) + pnorm(b(t)).
             h = self.norm2(h) * pixel_norm(scale) + pixel_norm(shift)

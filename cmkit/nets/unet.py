@@ -1,8 +1,8 @@
 """ADM/DDPM++-style U-Net backbone F(x, c_noise[, class_labels, guidance]) for images (C, H, W).
 
-Layout follows Dhariwal & Nichol (2021) ADM as used by iCT/sCM: ResBlocks with FiLM noise
-conditioning, attention at chosen resolutions and in the middle, num_blocks + 1 decoder blocks per
-level with skip concatenation. No noise, preconditioning or loss lives here (STYLE 1).
+Layout follows Dhariwal & Nichol (2021) ADM as used by iCT/sCM: ResBlocks with FiLM (or additive,
+net.modulation) noise conditioning, attention at chosen resolutions and in the middle, num_blocks + 1
+decoder blocks per level with skip concatenation. No noise, preconditioning or loss lives here (STYLE 1).
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class UNet(nn.Module):
         num_classes: int = 0,
         guidance_cond: bool = False,
         modulation: str = "film",
+        dropout_max_res: int = 0,
     ):
         super().__init__()
         data_shape = tuple(data_shape)
@@ -82,9 +83,14 @@ class UNet(nn.Module):
                 f"net.attn_resolutions {unused} match none of this U-Net's resolutions {resolutions}; "
                 f"pick from those (or [] for attention in the middle only)"
             )
+        if dropout_max_res < 0:
+            raise ValueError(f"net.dropout_max_res must be >= 0 (0 = dropout at every resolution), got {dropout_max_res}")
         emb_dim = emb_dim or 4 * channels  # ADM: time_embed_dim = 4 * model_channels
-        block = dict(emb_dim=emb_dim, dropout=dropout, norm=norm, num_groups=num_groups, num_heads=num_heads,
-                     modulation=modulation)
+        block = dict(emb_dim=emb_dim, norm=norm, num_groups=num_groups, num_heads=num_heads, modulation=modulation)
+
+        def drop(res: int) -> float:
+            """iCT App. B (ImageNet 64): dropout only in blocks at resolution <= dropout_max_res (0 = all)."""
+            return dropout if dropout_max_res == 0 or res <= dropout_max_res else 0.0
 
         # Noise-level (and class) embedding: sinusoidal features of width `channels`, then Linear-SiLU-Linear.
         self.embed = NoiseEmbedding(embedding, channels, emb_dim, fourier_scale, num_classes, guidance_cond)
@@ -95,7 +101,8 @@ class UNet(nn.Module):
         skip_ch, cur = [channels], channels
         for level, mult in enumerate(channel_mult):
             for _ in range(num_blocks):
-                self.enc.append(ResBlock(cur, channels * mult, attention=resolutions[level] in attn_resolutions, **block))
+                self.enc.append(ResBlock(cur, channels * mult, attention=resolutions[level] in attn_resolutions,
+                                         dropout=drop(resolutions[level]), **block))
                 cur = channels * mult
                 skip_ch.append(cur)
             if level < len(channel_mult) - 1:
@@ -103,7 +110,9 @@ class UNet(nn.Module):
                 skip_ch.append(cur)
 
         # Middle: ResBlock, Attention, ResBlock.
-        self.mid = nn.ModuleList([ResBlock(cur, cur, attention=True, **block), ResBlock(cur, cur, **block)])
+        low = drop(resolutions[-1])
+        self.mid = nn.ModuleList([ResBlock(cur, cur, attention=True, dropout=low, **block),
+                                  ResBlock(cur, cur, dropout=low, **block)])
 
         # Decoder, mirrored: num_blocks + 1 ResBlocks per level on [h, skip] (ADM), then upsample.
         self.dec = nn.ModuleList()
@@ -111,7 +120,8 @@ class UNet(nn.Module):
             for _ in range(num_blocks + 1):
                 out = channels * channel_mult[level]
                 attn = resolutions[level] in attn_resolutions
-                self.dec.append(ResBlock(cur + skip_ch.pop(), out, attention=attn, **block))
+                self.dec.append(ResBlock(cur + skip_ch.pop(), out, attention=attn, dropout=drop(resolutions[level]),
+                                         **block))
                 cur = out
             if level > 0:
                 self.dec.append(Upsample(cur))
@@ -138,6 +148,7 @@ class UNet(nn.Module):
             num_classes=num_classes,
             guidance_cond=cfg.guidance_cond,
             modulation=getattr(cfg, "modulation", "film"),
+            dropout_max_res=getattr(cfg, "dropout_max_res", 0),
         )
 
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None, guidance=None) -> Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -70,6 +70,7 @@ class ConsistencyConfig:
     mu0: float = 0.9  # CT's μ0 in μ(k) = exp(s0 log μ0 / N(k))
     shared_dropout: bool = True  # same dropout masks in student and teacher (iCT Sec. 3.1)
     c_noise_scale: float = 1.0  # c_noise = scale·ln σ: 1 feeds NCSN++'s Fourier layer ln σ; 250 = ADM's 1000·¼·ln σ
+    mid_sigmas: list[float] = field(default_factory=lambda: [0.821])  # few-step sampling σ's (iCT App. B: 0.821 CIFAR-10, 1.526 ImageNet 64)
     # iLCT (002_915a3e3a8597e2f0.txt): each technique is a separate switch (Table 2a ladder).
     c_schedule: str = "fixed"  # fixed | adaptive: c = exp(-1.18·log(N(k)-1) - 0.72) (iLCT Eq. 11)
     diffusion_weight: float = 0.0  # weight of the diffusion loss (iLCT Eq. 9); 0 = off
@@ -93,6 +94,12 @@ class ConsistencyConfig:
             raise ValueError(f"method.mu0 must lie in [0, 1), got {self.mu0}")
         if self.c < 0 or self.p_std <= 0 or self.sigma_data <= 0:
             raise ValueError("method.c must be >= 0, method.p_std and method.sigma_data > 0")
+        ve_process(self)  # method.mid_sigmas inside (sigma_min, sigma_max), decreasing
+
+
+def ve_process(m) -> VEProcess:
+    """The VE process of a method config with the fields sigma_data, sigma_min, sigma_max, rho, c_noise_scale, mid_sigmas."""
+    return VEProcess(m.sigma_data, m.sigma_min, m.sigma_max, m.rho, m.c_noise_scale, tuple(m.mid_sigmas))
 
 
 class ConsistencyTraining(Objective):
@@ -102,7 +109,7 @@ class ConsistencyTraining(Objective):
         super().__init__()
         m = cfg.method
         self.cfg = m
-        self.process = VEProcess(m.sigma_data, m.sigma_min, m.sigma_max, m.rho, m.c_noise_scale)
+        self.process = ve_process(m)
         self.model = Parameterized(build_network(cfg.net, shape, num_classes), self.process)
         self.teacher = copy.deepcopy(self.model).requires_grad_(False) if m.teacher_ema else None
         self.c = m.c if m.c > 0 else pseudo_huber_c(math.prod(shape))

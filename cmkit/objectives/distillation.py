@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,8 +25,7 @@ from cmkit.losses import DISTANCES
 from cmkit.model import Parameterized
 from cmkit.nets import build_network
 from cmkit.objectives.base import Objective, Phase, SharedDropout
-from cmkit.objectives.consistency import _choice
-from cmkit.processes import VEProcess
+from cmkit.objectives.consistency import _choice, ve_process
 from cmkit.sampling import euler_step, heun_step
 from cmkit.schedules import CURRICULA, INDEX_DISTRIBUTIONS, WEIGHTINGS, Progress, pseudo_huber_c
 
@@ -47,6 +46,7 @@ class DistillationConfig:
     sigma_max: float = 80.0
     rho: float = 7.0
     c_noise_scale: float = 1.0  # c_noise = scale·ln σ, as ConsistencyConfig (EDM itself uses ¼·ln σ)
+    mid_sigmas: list[float] = field(default_factory=lambda: [0.821])  # few-step sampling σ's, as ConsistencyConfig
     curriculum: str = "const"  # const: N = s1 + 1 (Song et al. 2023 CIFAR-10: N = 18) | exp | sqrt
     s0: int = 10
     s1: int = 17
@@ -79,6 +79,7 @@ class DistillationConfig:
             raise ValueError("method.init_from_teacher=true needs a trained teacher; the analytic teacher has no weights")
         if self.c < 0 or self.p_std <= 0 or self.sigma_data <= 0:
             raise ValueError("method.c must be >= 0, method.p_std and method.sigma_data > 0")
+        ve_process(self)  # method.mid_sigmas inside (sigma_min, sigma_max), decreasing
 
 
 # ----------------------------------------------------------------------------
@@ -183,7 +184,7 @@ class ConsistencyDistillation(Objective):
         super().__init__()
         m = cfg.method
         self.cfg = m
-        self.process = VEProcess(m.sigma_data, m.sigma_min, m.sigma_max, m.rho, m.c_noise_scale)
+        self.process = ve_process(m)
         self.model = Parameterized(build_network(cfg.net, shape, num_classes), self.process)
         self.teacher = load_teacher(m.teacher, self.process, tuple(shape), cfg.data)
         if self.teacher.class_cond != cfg.net.class_cond:
