@@ -365,3 +365,66 @@ def test_cli_eval_and_plot(toy_run, tmp_path, capsys):
     assert "logged: eval/fd_1step" in capsys.readouterr().err
     assert main(["eval", str(toy_run), "--features", "inception"]) == 2
     assert "cmkit[fid]" in capsys.readouterr().err
+
+
+def test_evaluate_run_maps_non_finite_metrics_to_null(toy_run, tmp_path, monkeypatch):
+    from cmkit.run import Run
+
+    plain = Run.sample
+
+    def diverging(self, n, steps=1, **kw):  # the 2-step samples blow up
+        x = plain(self, n, steps, **kw)
+        return torch.full_like(x, float("nan")) if steps == 2 else x
+
+    monkeypatch.setattr(Run, "sample", diverging)
+    out = tmp_path / "m.json"
+    report = evaluate_run(toy_run, steps=[1, 2], n=200, out=out)
+
+    def no_constants(name):  # Infinity / NaN are not JSON
+        raise AssertionError(f"metrics.json holds {name}")
+
+    saved = json.loads(out.read_text(), parse_constant=no_constants)
+    assert saved == report
+    bad, good = saved["steps"]["2"], saved["steps"]["1"]
+    assert bad["fd"] is None and bad["diverged"] is True
+    assert "diverged" not in good and isinstance(good["fd"], float) and good["fd"] >= 0
+
+
+@pytest.fixture(scope="module")
+def latent_run(tmp_path_factory):
+    from cmkit.data import load_dataset
+    from cmkit.latent.autoencoder import AEConfig, save_autoencoder, train_autoencoder
+    from cmkit.train import train
+
+    root = tmp_path_factory.mktemp("latentrun")
+    digits = load_dataset(DataConfig(name="digits", cache_dir=str(root / "cache")))
+    model, info = train_autoencoder(digits.x, AEConfig(in_channels=1, latent_channels=2, channels=8, levels=1),
+                                    steps=5, batch_size=64, lr=3e-3, seed=0)
+    ae_dir = save_autoencoder(model, root / "ae", info)
+    run = train(load_config("configs/ict_digits.yaml", [
+        "net.name=mlp", "net.hidden=32", "net.depth=1", "train.steps=2", "train.batch_size=16",
+        f"data.vae={ae_dir}", f"data.cache_dir={root / 'cache'}", f"run.dir={root / 'run'}", "run.progress=false",
+        "run.tensorboard=false", "run.sample_n=4", "run.sample_steps=[1]", "eval.every_nimg=0", "train.threads=1"]))
+    return run, ae_dir
+
+
+def test_evaluate_latent_run_protocol_names_the_autoencoder(latent_run):
+    import json as _json
+
+    from safetensors import safe_open
+
+    from cmkit.latent import weights_hash
+    from cmkit.latent.autoencoder import load_autoencoder_dir
+
+    run, ae_dir = latent_run
+    report = evaluate_run(run, steps=[1], n=50)
+    p = report["protocol"]
+    # Samples are decoded to 8x8 pixels and scored by the digits classifier: its hidden width, not the latent size.
+    with safe_open(str(WEIGHTS_DIR / CLASSIFIERS["digits"][0]), framework="pt") as f:
+        hidden = f.get_slice("hidden.weight").get_shape()[0]
+    assert p["features"] == "digits-cnn" and p["feature_dim"] == hidden != 2 * 4 * 4
+    assert "decoded by the autoencoder" in p["reference"]["space"] and "no autoencoder" not in p["reference"]["space"]
+    ae = load_autoencoder_dir(ae_dir)
+    expected = weights_hash(ae, _json.dumps(ae.cfg.__dict__, sort_keys=True))
+    assert p["autoencoder"] == {"path": str(ae_dir), "type": "OwnAutoencoder", "weights_sha256": expected}
+    assert 0 <= report["steps"]["1"]["precision"] <= 1

@@ -55,7 +55,9 @@ def _subset(x: np.ndarray, m: int, seed: int) -> np.ndarray:
 class Evaluator:
     """The extractor and reference features of one data config, and the metrics of sample sets against them."""
 
-    def __init__(self, cfg, *, features: str | None = None, k: int | None = None, seed: int | None = None):
+    def __init__(self, cfg, *, features: str | None = None, k: int | None = None, seed: int | None = None,
+                 autoencoder=None):
+        """``autoencoder``: the run's loaded data.vae autoencoder (else loaded from cfg.data.vae for the protocol)."""
         ec = cfg.eval
         self.cfg = cfg
         self.k = ec.k if k is None else k
@@ -73,19 +75,33 @@ class Evaluator:
         self.ref_radii = knn_radii(feats, self.k)
         self.low_dim = self.extractor.name == "raw"
         self.bandwidth = median_distance(feats, seed=self.seed) if self.low_dim else None
+        vae = getattr(cfg.data, "vae", "")
+        if ref.kind != "image":
+            space = "data units"
+        elif vae:  # latent run: real pixels as reference, generated latents decoded to pixels
+            space = "pixels in [0, 1]; generated latents decoded by the autoencoder (data.vae)"
+        else:
+            space = "pixels in [0, 1] (no autoencoder)"
         self.protocol = {
             "features": self.extractor.name,
             "features_weights_sha256": self.extractor.weights_sha256,
             "feature_dim": int(feats.shape[1]),
             "reference": {
-                "data": cfg.data.name, "split": ec.reference, "n": int(len(feats)),
-                "space": "pixels in [0, 1] (no autoencoder)" if ref.kind == "image" else "data units",
+                "data": cfg.data.name, "split": ec.reference, "n": int(len(feats)), "space": space,
                 "data_sha256": cache["data_sha256"], "cache": cache["cache"],
             },
             "k": self.k,
             "seed": self.seed,
             "metrics": ["fd", "precision", "recall"] + (["swd", "mmd"] if self.low_dim else []),
         }
+        if vae:
+            if autoencoder is None:
+                from cmkit.latent import load_autoencoder
+
+                autoencoder = load_autoencoder(vae)
+            # Samples of two latent runs are comparable only through the same decoder.
+            self.protocol["autoencoder"] = {"path": vae, "type": type(autoencoder).__name__,
+                                            "weights_sha256": autoencoder.identity()}
         if self.extractor.info:
             self.protocol["features_info"] = self.extractor.info
         if self.low_dim:
@@ -151,25 +167,49 @@ def evaluate_run(run_dir: str | Path, steps: list[int] | None = None, n: int | N
                  "reference": reference, "n": n, "steps": steps}
     cfg.eval = replace(cfg.eval, **{key: v for key, v in overrides.items() if v is not None})
     _check_steps(cfg.eval.steps)
-    evaluator = Evaluator(cfg)
+    evaluator = Evaluator(cfg, autoencoder=getattr(run.dataset, "autoencoder", None))
     model = run.model(ema)
     results = evaluator.evaluate(
         lambda s, m, sd: run.sample(m, s, seed=sd, ema=ema, batch_size=batch_size), model, cfg.eval.steps, cfg.eval.n)
     protocol = {**evaluator.protocol, "n_generated": cfg.eval.n, "sampler_steps": cfg.eval.steps,
                 "weights": f"ema {cfg.train.ema[cfg.train.ema_sample]}" if ema else "student (no EMA)",
                 "nimg": run.nimg, "method": cfg.method.name, "cmkit_version": __version__, "device": device}
-    report = {"protocol": protocol, "steps": results}
+    report = json_safe({"protocol": protocol, "steps": {key: _mark_diverged(row) for key, row in results.items()}})
     path = Path(out) if out is not None else Path(run_dir) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")  # strict JSON: no Infinity/NaN
     return report
+
+
+def _is_nonfinite(v) -> bool:
+    return isinstance(v, (float, np.floating)) and not math.isfinite(float(v))
+
+
+def _mark_diverged(row: dict) -> dict:
+    """A row with a non-finite metric (non-finite samples, or FD of degenerate features) gets diverged: true."""
+    return {**row, "diverged": True} if any(_is_nonfinite(v) for v in row.values()) else row
+
+
+def json_safe(obj):
+    """A copy that strict JSON can hold: numpy scalars to Python numbers, inf/NaN to None (null)."""
+    if isinstance(obj, dict):
+        return {key: json_safe(v) for key, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    return obj
 
 
 def evaluate_during_training(trainer, run_dir: str | Path) -> dict[str, float]:
     """Metrics of the trainer's EMA model per eval.steps, flattened as {"fd_1step": ..., ...} for the log."""
     ec = trainer.cfg.eval
     _check_steps(ec.steps)
-    evaluator = Evaluator(trainer.cfg)
+    evaluator = Evaluator(trainer.cfg, autoencoder=getattr(trainer.dataset, "autoencoder", None))
     model = trainer.ema.modules[trainer.cfg.train.ema_sample]
     results = evaluator.evaluate(lambda s, m, sd: trainer.samples(s, m, sd), model, ec.steps, ec.n)
     return {f"{name}_{k}step": float(v) for k, row in results.items() for name, v in row.items()
