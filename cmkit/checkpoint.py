@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ from safetensors.torch import save as st_save
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or does not fit the config; the message says which."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped, or was written by another cmkit version (shown once per message)."""
 
 
 FORMAT = "cmkit-checkpoint-v1"
@@ -49,18 +54,29 @@ def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "s") -> An
     raise TypeError(f"cannot checkpoint a value of type {type(obj).__name__} at {prefix}")
 
 
-def unflatten(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Inverse of flatten."""
+def unflatten(skel: Any, tensors: dict[str, torch.Tensor], where: str = "state") -> Any:
+    """Inverse of flatten; a skeleton flatten cannot have written raises CheckpointError naming the entry."""
     if isinstance(skel, dict):
-        if "__tensor__" in skel:
-            return tensors[skel["__tensor__"]]
-        if "__dict__" in skel:
-            return {k: unflatten(v, tensors) for k, v in skel["__dict__"]}
-        if "__tuple__" in skel:
-            return tuple(unflatten(v, tensors) for v in skel["__tuple__"])
-        raise CheckpointError(f"unexpected entry in checkpoint skeleton: {sorted(skel)}")
+        if len(skel) != 1 or next(iter(skel)) not in ("__tensor__", "__dict__", "__tuple__"):
+            raise CheckpointError(f"unexpected entry in checkpoint skeleton at {where}: keys {sorted(map(str, skel))}")
+        tag, body = next(iter(skel.items()))
+        if tag == "__tensor__":
+            if not isinstance(body, str) or body not in tensors:
+                raise CheckpointError(f"checkpoint skeleton at {where} names tensor {body!r}, which the file lacks")
+            return tensors[body]
+        if not isinstance(body, list):
+            raise CheckpointError(f"checkpoint skeleton at {where}: {tag} holds a {type(body).__name__}, not a list")
+        if tag == "__tuple__":
+            return tuple(unflatten(v, tensors, f"{where}/{i}") for i, v in enumerate(body))
+        out = {}
+        for item in body:  # __dict__: [[key, value], ...]; keys are JSON scalars (int keys of optimiser state)
+            pair = isinstance(item, list) and len(item) == 2
+            if not pair or not (item[0] is None or isinstance(item[0], (str, int, float))):
+                raise CheckpointError(f"checkpoint skeleton at {where}: entry {str(item)[:60]} is not [key, value]")
+            out[item[0]] = unflatten(item[1], tensors, f"{where}/{item[0]}")
+        return out
     if isinstance(skel, list):
-        return [unflatten(v, tensors) for v in skel]
+        return [unflatten(v, tensors, f"{where}/{i}") for i, v in enumerate(skel)]
     return skel
 
 
@@ -150,6 +166,32 @@ def remove_temporaries(directory: Path) -> list[Path]:
     return stale
 
 
+# Types of the meta entries cmkit writes (cmkit.train.Trainer.save); others are passed through.
+META_TYPES = {"config": dict, "nimg": int, "step": int, "version": str}
+
+
+def _check_meta(meta: Any) -> str | None:
+    """What is wrong with a checkpoint's meta dict, or None."""
+    if not isinstance(meta, dict):
+        return f"its meta is a {type(meta).__name__}, not a dict"
+    for key, kind in META_TYPES.items():
+        if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
+            return f"meta['{key}'] is {str(meta[key])[:40]!r}, not a {kind.__name__}"
+    bad = [k for k, v in meta.get("config", {}).items() if not isinstance(v, dict)]
+    if bad:
+        return f"meta['config'] section(s) {', '.join(map(str, bad))} are not mappings"
+    return None
+
+
+def _warn_version(path: Path, meta: dict) -> None:
+    from cmkit import __version__
+
+    written = meta.get("version")
+    if written is not None and written != __version__:
+        warnings.warn(f"'{path}' was written by cmkit {written}, this is cmkit {__version__}; loading it anyway. "
+                      f"If resuming or sampling fails, use the cmkit version that wrote it.", CheckpointWarning)
+
+
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
     """Load (state, meta) from one checkpoint file; raise CheckpointError if it is not one."""
     path = Path(path)
@@ -161,27 +203,43 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
         n = int.from_bytes(raw[:8], "little")
         header = json.loads(raw[8 : 8 + n])
         info = json.loads(header.get("__metadata__", {}).get("cmkit", "null"))
-    except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError) as e:
+    except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError, RecursionError, AttributeError) as e:
         raise CheckpointError(
             f"'{path}' is not a readable cmkit checkpoint ({e}). It may be truncated or from another tool; "
             f"delete it to resume from the previous checkpoint."
         ) from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is a safetensors file but not a cmkit checkpoint ({FORMAT})")
-    return unflatten(info["state"], tensors), info.get("meta", {})
+    damaged = ("state" not in info and "it has no state") or _check_meta(info.get("meta", {}))
+    try:
+        state = None if damaged else unflatten(info["state"], tensors)
+    except CheckpointError as e:
+        damaged = str(e)
+    except RecursionError:
+        damaged = "its state skeleton is nested too deeply"
+    if not damaged and not isinstance(state, dict):
+        damaged = f"its state is a {type(state).__name__}, not a dict"
+    if damaged:
+        raise CheckpointError(f"'{path}' has the cmkit checkpoint tag but is damaged: {damaged}. "
+                              f"Delete it to resume from the previous checkpoint.")
+    meta = info.get("meta", {})
+    _warn_version(path, meta)
+    return state, meta
 
 
 def latest_checkpoint(directory: Path) -> tuple[Path, dict, dict] | None:
-    """The newest readable checkpoint as (path, state, meta); unreadable newer ones are skipped."""
+    """The newest readable checkpoint as (path, state, meta); unreadable newer ones are skipped with a warning."""
     errors = []
     for path in reversed(list_checkpoints(directory)):
         try:
             state, meta = read_checkpoint(path)
-            if errors:
-                print(f"cmkit: warning: skipped unreadable checkpoint(s): {'; '.join(errors)}")
-            return path, state, meta
         except CheckpointError as e:
             errors.append(str(e))
+            continue
+        if errors:  # a CheckpointWarning: on stderr, once per message (a resume looks twice)
+            warnings.warn(f"skipped unreadable checkpoint(s): {'; '.join(errors)}; using {path.name}",
+                          CheckpointWarning)
+        return path, state, meta
     if errors:
         raise CheckpointError("no readable checkpoint in " + str(directory) + ": " + "; ".join(errors))
     return None
