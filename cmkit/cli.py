@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -25,13 +26,17 @@ def _user_errors() -> tuple[type, ...]:
 
 
 def cmd_train(args) -> int:
+    from cmkit import distributed
     from cmkit.config import load_config
     from cmkit.train import train
 
     cfg = load_config(args.config, args.overrides)
-    print(cfg.to_yaml(), end="")
+    main_rank = distributed.init(cfg.train.device).is_main  # under torchrun, only rank 0 prints
+    if main_rank:
+        print(cfg.to_yaml(), end="")
     run_dir = train(cfg, force=args.force, stop_after=args.stop_after)
-    print(f"cmkit: run written to {run_dir}")
+    if main_rank:
+        print(f"cmkit: run written to {run_dir}")
     return 0
 
 
@@ -62,7 +67,9 @@ def add_train(sub) -> None:
 def add_sample(sub) -> None:
     p = sub.add_parser("sample", help="draw samples from a trained run")
     p.add_argument("run", help="run directory")
-    p.add_argument("--steps", type=int, default=1, help="sampling steps (1 = one-step generation)")
+    p.add_argument("--steps", type=int, default=1,
+                   help="sampling steps (1 = one-step generation); for diffusion runs (method edm, trigflow) the "
+                        "number of network evaluations (NFE) of the ODE solver")
     p.add_argument("--times", type=float, nargs="+", default=None, help="explicit descending times")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--out", required=True, help=".png grid or .npz (array 'samples', data space)")
@@ -316,6 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(default):
+    """A warnings.showwarning that prints CheckpointWarnings as ``cmkit: warning: ...`` and passes others on."""
+    from cmkit.checkpoint import CheckpointWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CheckpointWarning):
+            print("cmkit: warning: " + " ".join(str(message).split()), file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -327,7 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error("unrecognized arguments: " + " ".join(extra))
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # cmkit's own warnings: one line each on stderr, each message once
+            from cmkit.checkpoint import CheckpointWarning
+
+            warnings.simplefilter("once", CheckpointWarning)
+            warnings.showwarning = _show_warning(warnings.showwarning)
+            return args.func(args)
     except _user_errors() as e:
         if args.debug:
             raise

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import cmkit.checkpoint as ckpt
 from cmkit.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
-from cmkit.cli import main
+from cmkit.cli import build_parser, main
 from cmkit.config import ConfigError, from_dict, load_config, parse_overrides
 from cmkit.data import DataError, load_dataset
 from cmkit.objectives.consistency import ConsistencyTraining
@@ -181,6 +181,72 @@ def test_malicious_checkpoint_never_runs(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "PWNED").exists()
 
 
+def test_crafted_skeleton_is_a_user_error_in_the_cli(tmp_path, capsys):
+    (tmp_path / "checkpoints").mkdir()
+    header = {"format": ckpt.FORMAT, "meta": {}, "state": {"__dict__": [["objective", {"__tensor__": "gone"}]]}}
+    from safetensors.torch import save as st_save
+
+    bad = tmp_path / "checkpoints" / "ckpt-000000000001.safetensors"
+    bad.write_bytes(st_save({"s/w": torch.zeros(1)}, metadata={"cmkit": __import__("json").dumps(header)}))
+    assert main(["sample", str(tmp_path), "--out", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err
+    assert "no readable checkpoint" in err and "names tensor 'gone', which the file lacks" in err, err
+    assert "internal error" not in err and "Traceback" not in err
+
+
+def test_checkpoint_meta_records_version_and_config(tmp_path, capsys):
+    train(cfg(tmp_path, "train.steps=1", "train.lr=0.00123"))
+    _, _, meta = latest_checkpoint(tmp_path / "checkpoints")
+    version = next(line.split('"')[1] for line in (ROOT / "pyproject.toml").read_text().splitlines()
+                   if line.startswith("version"))
+    assert meta["version"] == version
+    assert meta["config"] == cfg(tmp_path, "train.steps=1", "train.lr=0.00123").to_dict()
+    assert meta["config"]["train"]["lr"] == 0.00123 and meta["config"]["net"]["hidden"] == 32
+    assert meta["step"] == 1 and meta["nimg"] == 32  # train.batch_size=32
+    # Another version's checkpoint: one warning line on stderr, and sampling still works.
+    path = list_checkpoints(tmp_path / "checkpoints")[-1]
+    state, meta = ckpt.read_checkpoint(path)
+    ckpt.save_checkpoint(tmp_path / "checkpoints", meta["nimg"], state, {**meta, "version": "0.0.1-old"})
+    assert main(["sample", str(tmp_path), "--n", "4", "--out", str(tmp_path / "s.npz")]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("cmkit: warning: ") == 1 and f"written by cmkit 0.0.1-old, this is cmkit {version}" in err, err
+    assert "0.0.1-old" not in out
+
+
+def test_skipped_checkpoint_warns_once_on_stderr(tmp_path, capsys):
+    args = ["train", *TINY, f"run.dir={tmp_path}", "train.steps=3", "run.checkpoint_every=1"]
+    assert main([*args, "--stop-after", "2"]) == 0
+    newest = list_checkpoints(tmp_path / "checkpoints")[-1]
+    assert newest.name == "ckpt-000000000064.safetensors"
+    newest.write_bytes(newest.read_bytes()[:200])  # truncated, as by a crash of another tool
+    capsys.readouterr()
+    assert main(args) == 0  # resumes from step 1 (32 images)
+    out, err = capsys.readouterr()
+    assert err.count("skipped unreadable checkpoint") == 1, err
+    assert "ckpt-000000000064.safetensors' is not a readable" in err and "using ckpt-000000000032" in err
+    assert "skipped unreadable" not in out and "warning" not in out
+    assert latest_checkpoint(tmp_path / "checkpoints")[2]["step"] == 3
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_train_prints_the_config_on_rank_0_only(tmp_path, monkeypatch, capsys, rank):
+    import cmkit.distributed
+    import cmkit.train
+
+    monkeypatch.setattr(cmkit.distributed, "init", lambda device: cmkit.distributed.DistInfo(rank, 2, rank))
+    monkeypatch.setattr(cmkit.train, "train", lambda c, **kw: Path(c.run.dir))
+    assert main(["train", *TINY, f"run.dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert (f"dir: {tmp_path}" in out and "cmkit: run written to" in out) if rank == 0 else out == ""
+
+
+def test_sample_steps_help_mentions_nfe(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "diffusion runs (method edm, trigflow) the number of network evaluations (NFE)" in text
+
+
 # ----------------------------------------------------------------------------
 # Bad configs and data: a specific message each, exit code 2, run files untouched.
 
@@ -203,6 +269,8 @@ def existing_run(tmp_path_factory):
     return d
 
 
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for a machine without a CUDA GPU")
+
 BAD_CASES = [
     (["train.stepz=5"], "unknown key(s) train.stepz. Valid keys of 'train'"),
     (["train.steps=abc"], "train.steps: expected an integer"),
@@ -213,10 +281,10 @@ BAD_CASES = [
     (["trainsteps"], "is not of the form section.key=value"),
     (["bogus.key=1"], "must be section.key with section one of"),
     (["net.name=resnet"], "resnet"),
-    (["train.precision=fp16"], "needs a CUDA device"),
+    pytest.param(["train.precision=fp16"], "needs a CUDA device", marks=NO_GPU),
     (["train.precision=int8"], "train.precision='int8' is not valid"),
     (["train.accumulate=3"], "must be divisible by the 1 rank(s) times train.accumulate=3"),
-    (["train.device=cuda"], "no CUDA GPU is visible"),
+    pytest.param(["train.device=cuda"], "no CUDA GPU is visible", marks=NO_GPU),
     (["net.class_cond=true"], "needs labelled data"),
     (["data.name=array", "data.path={d}/nan.npy"], "NaN/inf values"),
     (["data.name=array", "data.path={d}/strings.npy"], "cmkit needs numbers"),
@@ -225,11 +293,16 @@ BAD_CASES = [
     (["data.name=array", "data.path={d}/garbage.npy"], "cannot read"),
     (["data.name=array", "data.path={d}/missing.npy"], "does not exist"),
     (["data.name=mnistt"], "unknown data.name 'mnistt'"),
-    (["train.lr=0.5"], "holds a different run"),
+    (["train.lr=0.5"], "holds a different run (checkpoint ckpt-000000000064.safetensors); differing keys: train.lr: "),
+    (["train.lr=0.5"], "-> 0.5. Choose another run.dir"),
 ]
 
 
-@pytest.mark.parametrize("extra,message", BAD_CASES, ids=[c[1][:30] for c in BAD_CASES])
+def _case_id(case) -> str:
+    return (case.values[1] if hasattr(case, "values") else case[1])[:30]
+
+
+@pytest.mark.parametrize("extra,message", BAD_CASES, ids=[_case_id(c) for c in BAD_CASES])
 def test_bad_input_has_its_message_and_touches_nothing(existing_run, capsys, extra, message):
     run = existing_run / "run"
     before = _snapshot(run)
@@ -238,6 +311,17 @@ def test_bad_input_has_its_message_and_touches_nothing(existing_run, capsys, ext
     assert rc == 2, err
     assert message in err, err
     assert "Traceback" not in err and err.count("\n") == 1  # one paragraph
+    assert _snapshot(run) == before
+
+
+def test_eval_missing_inception_weights(existing_run, capsys):
+    run = existing_run / "run"
+    before = _snapshot(run)
+    rc = main(["eval", str(run), "--features", "inception", "--inception-weights", "/nonexistent", "--n", "8"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "eval.inception_weights='/nonexistent' is not a file" in err and "--inception-weights PATH" in err, err
+    assert "Traceback" not in err and err.count("\n") == 1
     assert _snapshot(run) == before
 
 
@@ -381,14 +465,15 @@ def test_kill9_at_random_moments_and_during_save_then_exact_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_writes_checkpoint_and_exits_cleanly(tmp_path, sig):
     proc = _spawn(tmp_path, [*TINY, "train.steps=100000", f"run.dir={tmp_path}", "train.threads=1"])
     log = tmp_path / "log.jsonl"
     assert _wait_for(lambda: log.exists() and log.read_text().count("\n") >= 3), proc.communicate()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert "SIGTERM received" in err
+    assert f"{sig.name} received" in err and "Traceback" not in err
     _, state, meta = latest_checkpoint(tmp_path / "checkpoints")
     assert 3 <= meta["step"] < 100000 and math.isfinite(float(meta["nimg"]))
     assert not (tmp_path / "summary.json").exists()  # not a finished run
