@@ -391,6 +391,12 @@ def edit_run(run, task: str, x: Tensor | None = None, *, mask: Tensor | None = N
                           class_labels=labels)
         out = ds.to_data_space(out)
         return out, out
+    if getattr(run.cfg.data, "vae", ""):
+        # The model lives in the autoencoder's latent space: masks, pooling and noise levels act on pixels.
+        raise ConfigError(f"--task {task} is a pixel-space edit, but run '{run.dir}' models latents of the "
+                          f"autoencoder data.vae='{run.cfg.data.vae}' (shape {ds.shape}). Latent runs support "
+                          f"--task interpolate only; inpaint, colorize, superres and denoise need a "
+                          f"pixel-space model (a run without data.vae)")
     if ds.kind != "image":
         raise DataError(f"--task {task} needs an image model; run '{run.dir}' was trained on vectors")
     if x is None:

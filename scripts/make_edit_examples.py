@@ -13,6 +13,7 @@ error of each task against the clean images for several step counts (the per-tas
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,16 @@ from cmkit.data import load_dataset
 NOISE = 0.2  # denoising example: std in [0, 1] pixel units
 
 
-def make_inputs(data: str, n: int, out: Path, seed: int) -> dict:
-    """Write the example files; return them as tensors (data space)."""
-    ds = load_dataset(DataConfig(name=data, split="test", labels=True))
+def inputs_config(data: str, run=None) -> DataConfig:
+    """The test split of the run's own data config (its padding, path, seed), in pixels; else bundled ``data``."""
+    if run is not None:
+        return replace(run.cfg.data, split="test", vae="", labels=True)
+    return DataConfig(name=data, split="test", labels=True)
+
+
+def make_inputs(data: str | DataConfig, n: int, out: Path, seed: int) -> dict:
+    """Write the example files (from a bundled dataset name or a DataConfig); return them as tensors (data space)."""
+    ds = load_dataset(data if isinstance(data, DataConfig) else inputs_config(data))
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(ds), generator=g)[:n]
     x = ds.to_data_space(ds.x[idx])  # (n, C, H, W) in [0, 1]
@@ -48,7 +56,7 @@ def make_inputs(data: str, n: int, out: Path, seed: int) -> dict:
     for name, arr in files.items():
         np.savez(out / f"{name}.npz", x=arr.numpy())
     print(f"wrote {', '.join(files)} (.npz) and {len(masks)} masks to {out}")
-    return {"masks": masks, "labels": ds.labels[idx], **files}
+    return {"masks": masks, "labels": ds.labels[idx] if ds.labels is not None else None, **files}
 
 
 def edit_all(run, ex: dict, steps: dict | None = None, seed: int = 0) -> dict:
@@ -125,7 +133,7 @@ def write_grid(run, ex: dict, path: Path, seed: int = 0) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default="mnist", help="bundled dataset: mnist or digits")
+    p.add_argument("--data", default="mnist", help="bundled dataset: mnist or digits (ignored with --run)")
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--out", default="runs/edit_examples")
     p.add_argument("--seed", type=int, default=0)
@@ -135,15 +143,18 @@ def main() -> None:
     p.add_argument("--sweep-n", type=int, default=256, help="test images scored by --sweep")
     args = p.parse_args()
     torch.set_num_threads(1)
-    ex = make_inputs(args.data, args.n, Path(args.out), args.seed)
+    run = None
     if args.run:
         from cmkit.run import load
 
         run = load(args.run)
+    data = inputs_config(args.data, run)  # with --run: the run's data (e.g. MNIST padded to 32), not --data
+    ex = make_inputs(data, args.n, Path(args.out), args.seed)
+    if run is not None:
         if args.grid:
             write_grid(run, ex, Path(args.grid), args.seed)
         if args.sweep:
-            sweep(run, make_inputs(args.data, args.sweep_n, Path(args.out) / "sweep", args.seed + 1))
+            sweep(run, make_inputs(data, args.sweep_n, Path(args.out) / "sweep", args.seed + 1))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from cmkit import editing
 from cmkit.data import DataError
 from cmkit.model import Parameterized
 from cmkit.nets.mlp import MLP
-from cmkit.processes import VEProcess
+from cmkit.processes import TrigFlow, VEProcess
 from cmkit.sampling import sample_batched
 
 SHAPE = (3, 8, 8)
@@ -151,8 +151,8 @@ def test_edit_loop_matches_algorithm_4_by_hand():
     torch.testing.assert_close(out, v, atol=1e-5, rtol=1e-5)
 
 
-def test_trigflow_process_through_the_interface():
-    process = TrigFlowLike()
+@pytest.mark.parametrize("process", [TrigFlowLike(), TrigFlow()], ids=["written_here", "cmkit"])
+def test_trigflow_process_through_the_interface(process):
     model, x = _model(process=process), _images()
     mask = torch.rand(1, 1, 8, 8, generator=_gen(3)) > 0.5
     out = editing.inpaint(model, x, mask, process.sampling_times(3), generator=_gen())
@@ -278,3 +278,74 @@ def test_cli_edit_tasks(digits_run, tmp_path, capsys):
     assert main(["edit", r, "--task", "denoise", "--input", str(tmp_path / "noisy.npz"), "--out",
                  str(tmp_path / "c.png")]) == 2
     assert "--sigma" in capsys.readouterr().err
+
+
+def _train_tiny(run_dir, *overrides):
+    from cmkit.config import load_config
+    from cmkit.train import train
+
+    return train(load_config("configs/ict_digits.yaml", [
+        "net.name=mlp", "net.hidden=32", "net.depth=1", "train.steps=2", "train.batch_size=16",
+        "run.progress=false", "run.tensorboard=false", "run.sample_every=0", "run.sample_n=4",
+        "run.sample_steps=[1]", f"run.dir={run_dir}", "eval.every_nimg=0", "train.threads=1", *overrides]))
+
+
+def _load_script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_inputs_follow_the_run_and_feed_the_cli(tmp_path):
+    from cmkit.cli import main
+    from cmkit.run import load
+
+    # A run on padded digits (12x12): examples from the bundled 8x8 set would not fit its model.
+    run_dir = _train_tiny(tmp_path / "run", "data.pad_to=12", f"data.cache_dir={tmp_path / 'cache'}")
+    script = _load_script("make_edit_examples")
+    cfg = script.inputs_config("mnist", load(run_dir))  # --data is ignored given a run
+    assert (cfg.name, cfg.pad_to, cfg.split, cfg.vae) == ("digits", 12, "test", "")
+    ex_dir = tmp_path / "ex"
+    ex = script.make_inputs(cfg, 3, ex_dir, seed=0)
+    clean = np.load(ex_dir / "clean.npz")["x"]
+    assert clean.shape == (3, 1, 12, 12) and torch.equal(torch.from_numpy(clean), ex["clean"])
+    assert (clean[..., :2, :] == 0).all()  # the run's padding (black border of 2 pixels)
+    r = str(run_dir)
+    assert main(["edit", r, "--task", "inpaint", "--input", str(ex_dir / "clean.npz"), "--mask",
+                 str(ex_dir / "mask_center.png"), "--steps", "2", "--out", str(tmp_path / "inp.npz")]) == 0
+    out = np.load(tmp_path / "inp.npz")["samples"]
+    hole = np.asarray(Image.open(ex_dir / "mask_center.png")) > 127
+    assert out.shape == (3, 1, 12, 12) and hole[6, 6] and not hole[0, 0]
+    np.testing.assert_allclose(out[:, 0][:, ~hole], clean[:, 0][:, ~hole], atol=1e-6)
+    assert main(["edit", r, "--task", "superres", "--input", str(ex_dir / "low_x2.npz"), "--steps", "2",
+                 "--out", str(tmp_path / "sr.npz")]) == 0
+    assert np.load(tmp_path / "sr.npz")["samples"].shape == (3, 1, 12, 12)
+    assert main(["edit", r, "--task", "denoise", "--input", str(ex_dir / "noisy_0.2.npz"), "--sigma", "0.2",
+                 "--out", str(tmp_path / "dn.npz")]) == 0
+    assert np.load(tmp_path / "dn.npz")["samples"].shape == (3, 1, 12, 12)
+
+
+def test_latent_runs_edit_by_interpolation_only(tmp_path):
+    from cmkit.config import ConfigError, DataConfig
+    from cmkit.data import load_dataset
+    from cmkit.latent.autoencoder import AEConfig, save_autoencoder, train_autoencoder
+    from cmkit.run import load
+
+    digits = load_dataset(DataConfig(name="digits", cache_dir=str(tmp_path / "cache")))
+    model, info = train_autoencoder(digits.x, AEConfig(in_channels=1, latent_channels=2, channels=8, levels=1),
+                                    steps=3, batch_size=64, lr=3e-3, seed=0)
+    ae_dir = save_autoencoder(model, tmp_path / "ae", info)
+    run = load(_train_tiny(tmp_path / "run", f"data.vae={ae_dir}", f"data.cache_dir={tmp_path / 'cache'}"))
+    assert run.dataset.shape == (2, 4, 4)
+    x = torch.rand(2, 1, 8, 8)
+    for task, kw in [("inpaint", {"mask": torch.ones(1, 1, 8, 8, dtype=torch.bool)}), ("superres", {}),
+                     ("denoise", {"sigma": 0.1}), ("colorize", {})]:
+        with pytest.raises(ConfigError, match="interpolate only"):
+            editing.edit_run(run, task, x, **kw)
+    out, _ = editing.edit_run(run, "interpolate", n=3)  # decoded to pixels
+    assert out.shape == (3, 1, 8, 8) and float(out.min()) >= 0 and float(out.max()) <= 1
