@@ -1,7 +1,8 @@
 """torchrun + DDP on CPU (gloo): 2 ranks stay bit-identical and match 1 process at the same global batch.
 
-One torchrun launch trains iCT, CT (EMA teacher), sCT (JVP inside the DDP forward) and ACT (two
-optimisers) for a few steps each; every rank dumps its objective, EMA and extra state at the end.
+One torchrun launch trains iCT, CT (EMA teacher), sCT (JVP inside the DDP forward), ACT and ACT-Aug
+(two optimisers, penalty EMA and p_aug), CM-GAN, CD (analytic teacher), sCD and iLCT (minibatch OT
+per rank) for a few steps each; every rank dumps its objective, EMA and extra state at the end.
 The reference is one process accumulating 2 micro-batches (the same global batch, the same
 per-micro-batch seeds), run in this process. Ranks must agree exactly; ranks vs 1 process only up
 to the rounding of the gradient averaging (a sum over ranks vs. an accumulated sum).
@@ -22,15 +23,38 @@ from cmkit.checkpoint import latest_checkpoint
 from cmkit.config import load_config
 from cmkit.train import train
 
+UNET = ["net.name=unet", "net.channels=8", "net.channel_mult=[1,2]", "net.num_blocks=1", "net.attn_resolutions=[]",
+        "net.num_groups=4"]
+TEACHER = "{teacher}"  # replaced by the run directory of the TrigFlow teacher that the fixture trains
 METHODS = {
     "ict": ["configs/ict_toy.yaml", "net.dropout=0.1"],
     "ct": ["configs/ict_toy.yaml", "method.name=ct"],
     "sct": ["configs/sct_toy.yaml", "method.tangent_warmup=2"],
     "act": ["configs/act_toy.yaml", "method.gp_interval=2"],
+    # ACT-Aug on digit images: the penalty EMA is the mean over ranks (as over 1 process's micro-batches),
+    # τ = 0.001 keeps p_aug rising, so augmentation (kornia, seeded per micro-batch) runs on every rank.
+    "act_aug": ["configs/act_aug_mnist.yaml", "data.name=digits", *UNET, "method.aug_ops=[flip,translate]",
+                "method.gp_interval=1", "method.aug_interval=1", "method.aug_target=0.001"],
+    # CM-GAN (D phase first, D without t, LeakyReLU) on iCT; no blur on 2-D data.
+    "cmgan": ["configs/ict_toy.yaml", "method.name=cmgan", "method.blur_sigma0=0", "method.gan_weight=0.1"],
+    # CD with the exact denoiser of the Gaussian toy set (no teacher run needed).
+    "cd": ["configs/cd_toy.yaml", "data.name=gaussian", "method.teacher=analytic", "method.init_from_teacher=false"],
+    # sCD from a TrigFlow teacher trained for a few steps by the fixture (the student starts from it).
+    "scd": ["configs/sct_toy.yaml", "method.name=scd", f"method.teacher={TEACHER}", "method.tangent_warmup=2"],
+    # iLCT: minibatch OT pairs noise and data within each rank's batch; the 1-process reference with
+    # train.accumulate=2 pairs within each micro-batch, so this pins per-rank pairing.
+    "ilct": ["configs/ict_toy.yaml", "method.name=ilct"],
 }
 TINY = ["net.hidden=32", "net.depth=2", "train.batch_size=32", "data.n=512", "train.steps=4", "train.lr=1e-2", "train.optimizer=adam",
         "run.progress=false", "run.tensorboard=false", "run.sample_n=8", "run.sample_steps=[1]",
         "train.ema=[0.9]", "train.threads=1"]
+
+
+def _teacher_args(root) -> list[str]:
+    """A TrigFlow diffusion model with the sCD student's network (sct_toy's positional MLP at TINY size)."""
+    return ["data.name=eight_gaussians", "net.name=mlp", "net.embedding=positional", "method.name=trigflow", *TINY,
+            f"run.dir={root / 'teacher'}"]
+
 
 WORKER = textwrap.dedent('''
     import json, sys
@@ -73,17 +97,25 @@ def _torchrun(tmp_path, specs, nproc=2):
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory):
+def method_args(tmp_path_factory):
+    """METHODS with the sCD teacher trained (4 steps, 1 process) and its directory filled in."""
+    root = tmp_path_factory.mktemp("teacher")
+    train(load_config(None, _teacher_args(root)))
+    return {m: [a.replace(TEACHER, str(root / "teacher")) for a in args] for m, args in METHODS.items()}
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory, method_args):
     tmp = tmp_path_factory.mktemp("ddp")
-    specs = [(str(tmp / m), args + TINY) for m, args in METHODS.items()]
+    specs = [(str(tmp / m), args + TINY) for m, args in method_args.items()]
     _torchrun(tmp, specs)
     return tmp
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
-def test_two_ranks_identical_and_match_one_process(ddp_runs, tmp_path, method):
-    run = ddp_runs / method
+def test_two_ranks_identical_and_match_one_process(ddp_runs, method_args, tmp_path, method):
+    run, args = ddp_runs / method, method_args[method]
     r0, r1 = load_file(run / "rank0.safetensors"), load_file(run / "rank1.safetensors")
     assert r0.keys() == r1.keys() and any(k.startswith("ema/") for k in r0)
     for k in r0:
@@ -93,12 +125,12 @@ def test_two_ranks_identical_and_match_one_process(ddp_runs, tmp_path, method):
 
     # The training must have moved the weights, or "identical" would be trivially true.
     _, start, _ = latest_checkpoint(run / "checkpoints")
-    one = load_config(METHODS[method][0], METHODS[method][1:] + TINY + ["train.accumulate=2", f"run.dir={tmp_path}"])
+    one = load_config(args[0], args[1:] + TINY + ["train.accumulate=2", f"run.dir={tmp_path}"])
     train(one)
     _, state, _ = latest_checkpoint(tmp_path / "checkpoints")
     single = {f"objective/{k}": v for k, v in state["objective"].items()}
     single.update({f"ema/0/{k}": v for k, v in state["ema"]["0"].items()})
-    init = load_config(METHODS[method][0], METHODS[method][1:] + TINY + ["train.steps=0", f"run.dir={tmp_path / 'i'}"])
+    init = load_config(args[0], args[1:] + TINY + ["train.steps=0", f"run.dir={tmp_path / 'i'}"])
     train(init)
     _, zero, _ = latest_checkpoint(tmp_path / "i" / "checkpoints")
     moved = 0.0
@@ -110,6 +142,14 @@ def test_two_ranks_identical_and_match_one_process(ddp_runs, tmp_path, method):
             moved = max(moved, (v - zero["objective"][k[len("objective/"):]]).abs().max().item())
     assert moved > 1e-2, f"{method}: the student did not train ({moved})"
     assert start["progress"]["step"] == 4
+    # Objective state outside the tensors (ACT's p_aug and penalty EMA, CM-GAN's diversity) as 1 process
+    assert e0["extra"].keys() == state["extra"].keys()
+    for k, v in state["extra"].items():
+        assert e0["extra"][k] == pytest.approx(v, rel=1e-4, abs=1e-7), f"{method}: extra state {k} 2 ranks vs 1 process"
+    if method.startswith("act"):
+        assert e0["extra"]["gp_ema"] != pytest.approx(0.55)  # the penalty EMA moved (L̄_gp starts at τ)
+    if method == "act_aug":
+        assert e0["extra"]["p_aug"] == pytest.approx(0.2)  # 4 updates of +p_r with τ below every penalty
 
 
 @pytest.mark.slow
