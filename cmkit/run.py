@@ -32,6 +32,9 @@ class Run:
             _, state, meta = found
         raw = meta.get("config") or yaml.safe_load((self.dir / "config.yaml").read_text())
         self.cfg = from_dict(raw)
+        # The run may have moved since it was written: objectives that read their own checkpoint (a CD
+        # teacher whose run is gone, CM-GAN's skipped init_from) look here.
+        self.cfg.run.dir = str(self.dir)
         self.device = torch.device(device)
         self.dataset = load_dataset(self.cfg.data)
         num_classes = self.dataset.num_classes if self.cfg.net.class_cond else 0

@@ -188,6 +188,36 @@ def test_teacher_errors_are_user_errors(tmp_path):
         _cd(f"method.teacher={edm}", "method.init_from_teacher=true", "net.hidden=48")
 
 
+def test_cd_run_loads_and_resumes_without_its_teacher_run(tmp_path):
+    import shutil
+
+    from cmkit.checkpoint import latest_checkpoint
+    from cmkit.run import load
+    from cmkit.train import train
+
+    teacher_dir = _train_edm(tmp_path)
+    teacher = load(teacher_dir).model(ema=True)
+    cd = ["method.name=cd", f"method.teacher={teacher_dir}", "train.batch_size=16", f"run.dir={tmp_path / 'cd'}"]
+    train(load_config(None, [*SMALL, *QUIET, *cd, "train.steps=2"]))
+    before = load(tmp_path / "cd").sample(5, steps=2)
+    shutil.move(str(teacher_dir), str(tmp_path / "moved"))  # the teacher run is gone from method.teacher
+    with pytest.warns(UserWarning, match="saved in this run's checkpoint"):
+        run = load(tmp_path / "cd")
+    want = teacher.state_dict()
+    got = run.objective.teacher.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert torch.equal(run.sample(5, steps=2), before)
+    # resume with the same config (method.teacher still names the old place) trains on
+    with pytest.warns(UserWarning, match="saved in this run's checkpoint"):
+        train(load_config(None, [*SMALL, *QUIET, *cd, "train.steps=4"]))
+    _, state, _ = latest_checkpoint(tmp_path / "cd" / "checkpoints")
+    assert state["progress"]["step"] == 4
+    assert all(torch.equal(state["objective"][f"teacher.{k}"], v) for k, v in want.items())
+    # without a checkpoint of its own a missing teacher is still an error
+    with pytest.raises(CheckpointError, match="neither a run directory"):
+        build_objective(load_config(None, [*SMALL, *cd[:-1], f"run.dir={tmp_path / 'fresh'}"]), (2,))
+
+
 # ----------------------------------------------------------------------------
 # Learning the consistency function of Gaussian data (slow).
 

@@ -248,6 +248,61 @@ def test_fine_tuning_loads_the_source_weights_exactly(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(source.model(True).parameters(), source.model(False).parameters()))
 
 
+@pytest.mark.parametrize("method,source,copy", [("cmgan_ct", "ct", "teacher"), ("cmgan_cd", "cd", "target")])
+def test_fine_tuning_sets_the_ema_target_to_the_source_weights(tmp_path, method, source, copy):
+    # CT's EMA teacher θ⁻ / CD's target θ⁻ start at the source's weights too, not at a fresh init.
+    from cmkit.run import load
+
+    teacher = ["method.teacher=analytic"] if source == "cd" else []
+    train(_digits_run(tmp_path, "src", f"method.name={source}", *teacher, "train.steps=3", "train.ema=[0.5]",
+                      "train.lr=1e-2"))
+    want = load(tmp_path / "src").model(ema=True).state_dict()
+    obj = _objective(f"method.name={method}", *teacher, f"method.init_from={tmp_path / 'src'}", seed=1)
+    ema_copy = getattr(obj.cm, copy)
+    assert ema_copy is not None and ema_copy is not obj.model
+    for module in (obj.model, ema_copy):
+        got = module.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    fresh = getattr(_objective(f"method.name={method}", *teacher, seed=1).cm, copy).state_dict()
+    assert not all(torch.equal(fresh[k], want[k]) for k in want)  # the check above can fail
+
+
+def test_fine_tuning_refuses_a_different_noise_process(tmp_path):
+    train(_digits_run(tmp_path, "src", "method.name=ict", "train.steps=1", "method.c_noise_scale=250"))
+    with pytest.raises(ConfigError, match="method.c_noise_scale: 250.0 there, 1.0 here"):
+        _objective("method.name=cmgan", f"method.init_from={tmp_path / 'src'}")
+    with pytest.raises(ConfigError, match="method.rho: 7.0 there, 5.0 here"):
+        _objective("method.name=cmgan", f"method.init_from={tmp_path / 'src'}", "method.c_noise_scale=250",
+                   "method.rho=5")
+    # mid_sigmas only choose sampling times: a different one is fine
+    _objective("method.name=cmgan", f"method.init_from={tmp_path / 'src'}", "method.c_noise_scale=250",
+               "method.mid_sigmas=[1.5]")
+
+
+def test_cmgan_cd_run_loads_and_resumes_without_its_source_runs(tmp_path):
+    import shutil
+
+    from cmkit.run import load
+
+    train(_digits_run(tmp_path, "edm", "method.name=edm", "train.steps=2"))
+    cd = [f"method.teacher={tmp_path / 'edm'}", "method.init_from_teacher=true"]
+    train(_digits_run(tmp_path, "cd", "method.name=cd", *cd, "train.steps=2"))
+    run = ["method.name=cmgan_cd", f"method.teacher={tmp_path / 'edm'}", f"method.init_from={tmp_path / 'cd'}",
+           "method.diversity_every=0", "method.blur_nimg=64"]
+    train(_digits_run(tmp_path, "ft", *run, "train.steps=2"))
+    before = load(tmp_path / "ft").sample(4, steps=2)
+    for name in ("edm", "cd"):  # both runs the config names are gone
+        shutil.move(str(tmp_path / name), str(tmp_path / f"{name}_moved"))
+    with pytest.warns(UserWarning, match="saved in this run's checkpoint"):
+        assert torch.equal(load(tmp_path / "ft").sample(4, steps=2), before)
+    with pytest.warns(UserWarning):
+        train(_digits_run(tmp_path, "ft", *run, "train.steps=3"))
+    assert latest_checkpoint(tmp_path / "ft" / "checkpoints")[1]["progress"]["step"] == 3
+    # starting over (--force) cannot skip the initialisation: a clear error, not a random generator
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match="init_from.*no checkpoint of it was restored"):
+        train(_digits_run(tmp_path, "ft", *run, "train.steps=3"), force=True)
+
+
 def test_fine_tuning_refuses_a_different_network(tmp_path):
     train(_digits_run(tmp_path, "src", "method.name=ict", "train.steps=1"))
     cfg = _digits_run(tmp_path, "ft", "method.name=cmgan", f"method.init_from={tmp_path / 'src'}", "net.hidden=48")

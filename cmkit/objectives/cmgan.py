@@ -134,10 +134,12 @@ class CMGAN(Objective):
             cfg.net, shape, num_classes, blocks=m.disc_blocks, time_emb=m.disc_time_emb,
             activation=m.disc_activation, hidden=m.disc_hidden, depth=m.disc_depth)
         self.gan = GAN_LOSSES[m.gan_loss]
+        self._pending_init: list[str] = []  # initialisations skipped for a checkpoint that has not been loaded yet
         if m.init_from:
-            self.init_generator(m.init_from, m.init_weights, cfg, shape)
+            self._init_or_defer(lambda: self.init_generator(m.init_from, m.init_weights, cfg, shape), cfg,
+                                f"method.init_from='{m.init_from}'")
         if m.disc_init:
-            self.init_discriminator(m.disc_init)
+            self._init_or_defer(lambda: self.init_discriminator(m.disc_init), cfg, f"method.disc_init='{m.disc_init}'")
         # Diversity monitor: a fixed noise batch (from train.seed) and labels cycling through the classes.
         g = torch.Generator().manual_seed(cfg.train.seed + 7919)
         self.register_buffer("diversity_noise", torch.randn((m.diversity_n, *shape), generator=g), persistent=False)
@@ -161,6 +163,29 @@ class CMGAN(Objective):
                 Phase("model", self.model, self.generator_loss)]
 
     # -- fine-tuning ---------------------------------------------------------
+    def _init_or_defer(self, init, cfg, what: str) -> None:
+        """Run a fine-tuning initialisation. If it fails (source moved) while this run has checkpoints of its
+        own (resume, cmkit.load), skip it: loading the checkpoint sets every weight it would have set."""
+        from cmkit.checkpoint import CheckpointError, list_checkpoints
+
+        try:
+            init()
+        except (ConfigError, CheckpointError) as e:
+            if not list_checkpoints(Path(cfg.run.dir) / "checkpoints"):
+                raise
+            self._pending_init.append(f"{what} ({e})")
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._pending_init = []  # the checkpoint replaced what the skipped initialisations would have set
+        return out
+
+    def _check_initialised(self) -> None:
+        if self._pending_init:
+            raise ConfigError(f"{'; '.join(self._pending_init)} could not initialise this run, and no checkpoint of it "
+                              f"was restored (was it started over with --force?). Make the source run available "
+                              f"again or leave the option empty")
+
     def init_generator(self, spec: str, which: str, cfg, shape) -> None:
         """Copy a trained cmkit consistency run's weights (its EMA or raw student) into the generator,
         and into CT's EMA teacher / CD's target where there is one (Sec. 5.1: generator and EMA from
@@ -176,11 +201,14 @@ class CMGAN(Objective):
         if tuple(run.dataset.shape) != tuple(shape) or run.cfg.data.name != cfg.data.name:
             raise ConfigError(f"method.init_from='{spec}' was trained on data.name={run.cfg.data.name} of shape "
                               f"{tuple(run.dataset.shape)}; this run has data.name={cfg.data.name}, shape {tuple(shape)}")
-        ours = (self.process.sigma_data, self.process.sigma_min, self.process.sigma_max)
-        theirs = (source.process.sigma_data, source.process.sigma_min, source.process.sigma_max)
-        if ours != theirs:
-            raise ConfigError(f"method.init_from='{spec}' has (sigma_data, sigma_min, sigma_max) = {theirs}, this run "
-                              f"{ours}; set the same method.sigma_* values")
+        # Every number of the process shapes f_θ (scalings, c_noise, grid), so all must agree; mid_sigmas
+        # only picks sampling times.
+        differ = [f"method.{f.name}: {getattr(source.process, f.name)!r} there, {getattr(self.process, f.name)!r} here"
+                  for f in dataclasses.fields(self.process)
+                  if f.name != "mid_sigmas" and getattr(source.process, f.name) != getattr(self.process, f.name)]
+        if differ:
+            raise ConfigError(f"method.init_from='{spec}' was trained with another noise process ({'; '.join(differ)}); "
+                              f"set this run's values to the source run's")
         try:
             self.model.load_state_dict(source.state_dict())
         except RuntimeError as e:
@@ -230,6 +258,7 @@ class CMGAN(Objective):
         # Algorithm 1, inner loop: a fresh real batch and fresh t; fake = f_θ(x + t z, t). Alg. 1 noises a
         # second real batch for the fakes; here they come from this batch's images rolled by half (same
         # marginal distribution, so the same expected loss, one batch per repeat).
+        self._check_initialised()
         x_r, labels = batch["x"], batch.get("labels")
         half = x_r.shape[0] // 2
         x_g = x_r.roll(half, 0)
@@ -259,6 +288,7 @@ class CMGAN(Objective):
         # Algorithm 1, generator step: CM_loss and its student output f_θ(x_{t_{n+1}}, t_{n+1}) ("fake_img"),
         # G_loss = CM_loss + λ·G_loss_disc with G_loss_disc = -ψ2(D(blur(fake)), real_label) (gan.py: -D for hinge).
         # The blur touches only D's input; the consistency loss sees the unblurred output.
+        self._check_initialised()
         out, student, t_next = self.cm.loss_with_output(batch, progress)
         lam = self.cfg.gan_weight
         labels = batch.get("labels")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from cmkit.analytic import GaussianTeacher
+from cmkit.checkpoint import CheckpointError
 from cmkit.config import ConfigError
 from cmkit.losses import DISTANCES
 from cmkit.model import Parameterized
@@ -115,7 +117,6 @@ def load_teacher(spec: str, process, shape: tuple[int, ...], data_cfg=None, kind
     parameterisation) on the noise process of ``process`` and, when ``data_cfg`` is given, trained
     on the same data of the same ``shape``; ConfigError/CheckpointError say what does not fit.
     """
-    from cmkit.checkpoint import CheckpointError
     from cmkit.run import load
 
     method, example = TEACHER_METHODS.get(process.name, ("edm", "configs/edm_toy.yaml"))
@@ -152,6 +153,43 @@ def load_teacher(spec: str, process, shape: tuple[int, ...], data_cfg=None, kind
                 f"distil on the same data (this run has data.name={data_cfg.name} data.pad_to={data_cfg.pad_to})"
             )
         teacher.class_cond = run.cfg.net.class_cond
+        # What rebuilds this teacher from a distillation run's own checkpoint (teacher_from_checkpoint).
+        teacher.source = {"spec": spec, "config": run.cfg.to_dict(),
+                          "num_classes": run.dataset.num_classes if run.cfg.net.class_cond else 0}
+    return teacher.eval().requires_grad_(False)
+
+
+def teacher_from_checkpoint(cfg, spec: str, shape: tuple[int, ...]) -> nn.Module | None:
+    """The frozen teacher saved in this run's latest checkpoint (in cfg.run.dir), or None if it holds none for spec.
+
+    A distillation checkpoint carries the teacher's weights (the objective's state) and its run's
+    config (``extra_state``), so resuming or loading a run does not need the teacher run any more.
+    """
+    from cmkit.checkpoint import latest_checkpoint
+    from cmkit.config import from_dict
+    from cmkit.objectives import build_objective
+
+    found = latest_checkpoint(Path(cfg.run.dir) / "checkpoints")
+    if found is None:
+        return None
+    state = found[1]
+    source = (state.get("extra") or {}).get("teacher")
+    if not isinstance(source, dict) or source.get("spec") != spec:
+        return None
+    tcfg = from_dict(source["config"])
+    teacher = build_objective(tcfg, tuple(shape), int(source["num_classes"])).model
+    names = list(teacher.state_dict())
+    saved = state["objective"]
+    # The teacher's entries are "<prefix>teacher.<name>" (CD: "teacher.", CM-GAN's CD: "cm.teacher.").
+    prefixes = [k[: -len(names[0])] for k in saved if k.endswith("teacher." + names[0])]
+    if len(prefixes) != 1:
+        return None
+    try:
+        teacher.load_state_dict({n: saved[prefixes[0] + n] for n in names})
+    except (KeyError, RuntimeError):
+        return None
+    teacher.class_cond = tcfg.net.class_cond
+    teacher.source = source
     return teacher.eval().requires_grad_(False)
 
 
@@ -186,7 +224,7 @@ class ConsistencyDistillation(Objective):
         self.cfg = m
         self.process = ve_process(m)
         self.model = Parameterized(build_network(cfg.net, shape, num_classes), self.process)
-        self.teacher = load_teacher(m.teacher, self.process, tuple(shape), cfg.data)
+        self.teacher = self._teacher(cfg, tuple(shape))
         if self.teacher.class_cond != cfg.net.class_cond:
             raise ConfigError(
                 f"the teacher has net.class_cond={self.teacher.class_cond} but this run net.class_cond="
@@ -200,6 +238,23 @@ class ConsistencyDistillation(Objective):
         self.distance = DISTANCES[m.distance]
         self.weighting = WEIGHTINGS[m.weighting]
         self._grids: dict = {}
+
+    def _teacher(self, cfg, shape: tuple[int, ...]) -> nn.Module:
+        """method.teacher; if it cannot be loaded (moved, deleted) the copy in this run's own checkpoint."""
+        spec = cfg.method.teacher
+        try:
+            return load_teacher(spec, self.process, shape, cfg.data)
+        except (CheckpointError, ConfigError) as e:
+            saved = teacher_from_checkpoint(cfg, spec, shape) if spec != "analytic" else None
+            if saved is None:
+                raise
+            warnings.warn(f"method.teacher='{spec}' could not be loaded ({e}); using the teacher saved in "
+                          f"this run's checkpoint")
+            return saved
+
+    def extra_state(self) -> dict:
+        source = getattr(self.teacher, "source", None)
+        return {"teacher": source} if source is not None else {}
 
     def train(self, mode: bool = True):
         """The teacher stays in eval mode (no dropout) whatever the objective's mode."""
