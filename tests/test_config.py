@@ -82,3 +82,56 @@ def test_parse_overrides():
         "train": {"lr": 0.001, "ema": [0.9, 0.99]},
         "run": {"dir": "runs/x"},
     }
+
+
+def test_edm_toy_then_cd_toy_build_and_train(tmp_path):
+    # The shipped configs are not only parsed: edm_toy trains, and cd_toy distils that very run.
+    import torch
+
+    from cmkit.objectives import build_objective
+    from cmkit.run import load
+    from cmkit.train import train
+
+    quick = ["train.steps=2", "train.threads=1", "run.progress=false", "run.tensorboard=false", "run.sample_n=8",
+             "run.sample_steps=[1]"]
+    edm = train(load_config("configs/edm_toy.yaml", [*quick, f"run.dir={tmp_path / 'edm'}"]))
+    cfg = load_config("configs/cd_toy.yaml", [*quick, f"run.dir={tmp_path / 'cd'}", f"method.teacher={edm}"])
+    assert cfg.method.init_from_teacher and cfg.net == load(edm).cfg.net
+    student = build_objective(cfg, (2,)).model.net.state_dict()
+    teacher = load(edm).model(ema=True).net.state_dict()
+    assert student.keys() == teacher.keys() and all(torch.equal(student[k], teacher[k]) for k in teacher)
+    run = load(train(cfg))
+    assert run.nimg == 2 * cfg.train.batch_size and run.sample(4, steps=2).shape == (4, 2)
+
+
+def test_ict_imagenet64_follows_ict_appendix_b():
+    # iCT App. B: AdaGN removed, dropout 0.2, two-step σ_{i_2} = 1.526, ADM positional embedding (1000·¼·ln σ).
+    cfg = load_config("configs/ict_imagenet64.yaml")
+    assert (cfg.net.modulation, cfg.net.dropout, cfg.net.embedding) == ("add", 0.2, "positional")
+    assert cfg.method.mid_sigmas == [1.526] and cfg.method.c_noise_scale == 250.0
+
+
+@pytest.mark.parametrize("name", ["cmgan_imagenet64", "cmgan_bedroom256", "cmgan_mnist", "cd_imagenet64",
+                                  "cd_bedroom256", "cd_mnist", "cd_toy"])
+def test_presets_name_runs_that_a_config_produces_with_the_same_net_and_process(name):
+    # method.init_from / method.teacher name run.dir of a config in configs/, trained on the same data with the
+    # same network (dropout holds no weights) and the same process numbers (CM-GAN's init_from refuses others).
+    import dataclasses
+    import pathlib
+
+    by_dir = {}
+    for p in sorted(pathlib.Path("configs").glob("*.yaml")):
+        other = load_config(p)
+        by_dir[other.run.dir] = other
+    cfg = load_config(f"configs/{name}.yaml")
+    process = ("sigma_data", "sigma_min", "sigma_max", "rho", "c_noise_scale")
+    named = [getattr(cfg.method, key) for key in ("init_from", "teacher") if getattr(cfg.method, key, "")]
+    assert named
+    for run_dir in named:
+        assert run_dir in by_dir, f"{name} names {run_dir}, which no config in configs/ writes"
+        src = by_dir[run_dir]
+        assert src.data == cfg.data
+        assert dataclasses.replace(src.net, dropout=0.0) == dataclasses.replace(cfg.net, dropout=0.0)
+        assert [getattr(src.method, k) for k in process] == [getattr(cfg.method, k) for k in process]
+    if getattr(cfg.method, "consistency", "") == "cd":  # CM-GAN's CD source was distilled from the same teacher
+        assert by_dir[cfg.method.init_from].method.teacher == cfg.method.teacher
