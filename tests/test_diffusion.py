@@ -232,3 +232,14 @@ def test_edm_eight_gaussians_beats_untrained(tmp_path):
     import numpy as np
 
     assert np.load(out)["samples"].shape == (16, 2)
+
+
+def test_edm_c_noise_default_is_ln_sigma_and_documented():
+    # cmkit keeps c_noise = 1·ln σ for EDM teachers (not EDM's ¼·ln σ); the config's docstring says so and why.
+    from cmkit.objectives.diffusion import EDMConfig
+
+    assert EDMConfig().c_noise_scale == 1.0
+    assert "¼·ln σ" in EDMConfig.__doc__ and "init_from_teacher" in EDMConfig.__doc__
+    obj = build_objective(load_config(None, ["method.name=edm", "net.name=mlp", "net.hidden=8", "net.depth=1"]), (2,))
+    sigma = torch.tensor([0.5, 2.0, 80.0])
+    assert torch.allclose(obj.process.scalings(sigma, "diffusion")[3], torch.log(sigma))

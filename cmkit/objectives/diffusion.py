@@ -25,14 +25,20 @@ ODE_SOLVERS = ("heun", "euler")
 
 @dataclass
 class EDMConfig:
-    """Options of EDM diffusion training and its default sampler."""
+    """Options of EDM diffusion training and its default sampler.
+
+    c_noise_scale defaults to 1 (c_noise = ln σ), not EDM's ¼·ln σ (Karras et al. 2022, Table 1): the
+    teacher then reads time as cmkit's consistency models do, so CD's method.init_from_teacher copies
+    weights that see the same input. With Fourier features the factor only rescales the frequencies
+    (net.fourier_scale); ADM-style positional presets set 250 = 1000·¼·ln σ (Song et al. 2023's ADM code).
+    """
 
     name: str = "edm"
     sigma_data: float = 0.5
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
-    c_noise_scale: float = 1.0  # c_noise = scale·ln σ, as ConsistencyConfig (EDM itself uses ¼·ln σ)
+    c_noise_scale: float = 1.0  # c_noise = scale·ln σ; 1 as ConsistencyConfig, not EDM's ¼ (see the docstring)
     p_mean: float = -1.2  # EDM Table 1: ln σ ~ N(P_mean, P_std²)
     p_std: float = 1.2
     sampler: str = "heun"  # heun (EDM Alg. 1) | euler; `cmkit sample --steps K` then means K network evaluations
@@ -58,7 +64,7 @@ class EDMDiffusion(Objective):
         super().__init__()
         m = cfg.method
         self.cfg = m
-        self.process = VEProcess(m.sigma_data, m.sigma_min, m.sigma_max, m.rho, m.c_noise_scale)
+        self.process = VEProcess(m.sigma_data, m.sigma_min, m.sigma_max, m.rho, m.c_noise_scale, mid_sigmas=())
         self.model = Parameterized(build_network(cfg.net, shape, num_classes), self.process, kind="diffusion")
 
     @property
