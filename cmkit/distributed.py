@@ -37,10 +37,16 @@ def init(device: str) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        if device != "cpu" and torch.cuda.is_available():
+            # Pin the rank to its GPU before NCCL starts: unpinned, every rank's NCCL communicator and
+            # stray allocations land on cuda:0; device_id binds the process group to this GPU eagerly.
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group("gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 class PhaseForward(nn.Module):

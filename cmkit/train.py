@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import statistics
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from cmkit import distributed
 from cmkit.checkpoint import CheckpointError, keep_milestone, latest_checkpoint, remove_temporaries, save_checkpoint
@@ -82,6 +84,18 @@ STABILISERS = (
 )
 
 
+MODEL_PHASE = "model"  # the phase that steps the consistency model (objectives name it so; see objectives/*.py)
+
+
+def main_phase(phases) -> str:
+    """Name of the phase whose loss is the run's ``loss`` and is watched for spikes: the model/generator phase.
+
+    CM-GAN runs its discriminator phase first, so "the first phase" would watch the discriminator.
+    """
+    names = [p.name for p in phases]
+    return MODEL_PHASE if MODEL_PHASE in names else names[0]
+
+
 class DivergenceError(RuntimeError):
     """Training diverged (non-finite or spiking loss); the message names the step, checkpoint and remedies."""
 
@@ -127,6 +141,7 @@ class Trainer:
         distributed.broadcast_module(self.objective, info)  # one starting point for every rank
         self.ema = EMA(self.objective.model, tc.ema)
         self.phases = self.objective.phases
+        self.main_phase = main_phase(self.phases)
         self.optimizers = {p.name: make_optimizer(p.module.parameters(), tc) for p in self.phases}
         self.runners = {p.name: distributed.wrap_phase(p.module, p.loss, info, device) for p in self.phases}
         self.scalers = {p.name: torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16") for p in self.phases}
@@ -239,17 +254,23 @@ class Trainer:
         return total / len(micro), out
 
     def train_step(self, streams) -> dict:
-        """Run every phase once; skip optimiser steps with non-finite loss or gradients (the guard)."""
+        """Run every phase once; a non-finite loss or gradient skips the whole step (the guard).
+
+        The skip, the spike test and the logged ``loss`` use the loss averaged over ranks, so every
+        rank takes the same decision (a rank raising alone would leave the others hanging in DDP).
+        """
         tc = self.cfg.train
         progress = Progress(self.nimg, tc.steps * tc.batch_size, tc.batch_size)
         lr = tc.lr * lr_warmup(self.nimg, tc.warmup_nimg)
         logs: dict = {"lr": lr}
         step_ok = True
-        for i, phase in enumerate(self.phases):
+        for phase in self.phases:
+            if not step_ok:
+                break  # a skipped phase skips the rest of the step (e.g. no discriminator step after a bad generator)
             opt, scaler = self.optimizers[phase.name], self.scalers[phase.name]
+            prefix = "" if phase.name == self.main_phase else f"{phase.name}/"
             for group in opt.param_groups:
                 group["lr"] = lr
-            phase_ok = True
             for _ in range(phase.repeats):
                 opt.zero_grad(set_to_none=True)
                 loss, out = self.run_phase_once(phase, streams, progress)
@@ -261,24 +282,25 @@ class Trainer:
                 else:
                     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params]))) \
                         if params else torch.zeros((), device=self.device)
-                loss_v, norm_v = torch.stack([loss, norm.float()]).tolist()  # the guard's one host sync
-                bad = distributed.any_across_ranks(not math.isfinite(loss_v), self.info, self.device)
+                # One collective, one host sync: the mean over ranks is non-finite iff some rank's loss is;
+                # gradients are all-reduced by DDP, so the norm is the same on every rank already.
+                loss = distributed.mean_across_ranks(loss)
+                loss_v, norm_v = torch.stack([loss, norm.float()]).tolist()
+                bad = not math.isfinite(loss_v)
                 overflow = not math.isfinite(norm_v)
-                if i == 0 and not bad:
+                if phase.name == self.main_phase and not bad:
                     self.check_spike(loss_v)
+                logs[prefix + "grad_norm"] = norm_v
                 if bad or (overflow and not scaler.is_enabled()):
-                    phase_ok = False  # skip: no optimiser step, no after_phase, no EMA update
+                    step_ok = False  # skip: no optimiser step, no after_phase, no later phase, no EMA update
                     opt.zero_grad(set_to_none=True)
                     if scaler.is_enabled():
                         scaler.update()
-                else:
-                    scaler.step(opt)  # fp16: GradScaler itself skips overflowing steps and lowers the scale
-                    scaler.update()
-                logs[("" if i == 0 else f"{phase.name}/") + "grad_norm"] = norm_v
-            if phase_ok:
+                    break
+                scaler.step(opt)  # fp16: GradScaler itself skips overflowing steps and lowers the scale
+                scaler.update()
+            if step_ok:
                 self.objective.after_phase(phase.name, progress)
-            step_ok = step_ok and phase_ok
-            prefix = "" if i == 0 else f"{phase.name}/"
             for k, v in out.items():
                 logs[prefix + k] = loss.detach() if k == "loss" else (v.detach() if torch.is_tensor(v) else v)
         if self.info.world_size > 1 and self.objective.extra_state():  # e.g. ACT's p_aug: rank 0's value everywhere
@@ -304,7 +326,7 @@ class Trainer:
             median = statistics.median(self.loss_window)
             if median != 0 and loss > factor * abs(median):
                 raise self.divergence(f"the loss {loss:.4g} exceeds train.spike_factor={factor:g} times its "
-                                      f"running median {median:.4g} (this step was not applied)")
+                                      f"running median {median:.4g} (the model was not updated with it)")
         self.loss_window = (self.loss_window + [loss])[-SPIKE_WINDOW:]
 
     def divergence(self, why: str) -> DivergenceError:
@@ -334,12 +356,21 @@ class Trainer:
                 save_samples(x, run_dir / f"samples_{k}step.png", self.dataset.kind)
 
 
-def periodic_eval(trainer: Trainer, run_dir: Path, log: RunLog) -> None:
-    """Metrics during training (eval.every_nimg), logged to log.jsonl and TensorBoard."""
-    from cmkit.evaluation import evaluate_during_training
+def build_evaluator(trainer: Trainer):
+    """The Evaluator of eval.every_nimg, built once before step 1 (fails fast, e.g. on missing Inception weights)."""
+    from cmkit.evaluation import Evaluator, _check_steps
 
-    metrics = evaluate_during_training(trainer, run_dir)
-    log.write(trainer.step, trainer.nimg, {f"eval/{k}": v for k, v in metrics.items()})
+    _check_steps(trainer.cfg.eval.steps)
+    return Evaluator(trainer.cfg)
+
+
+def periodic_eval(trainer: Trainer, evaluator, log: RunLog) -> None:
+    """Metrics during training (eval.every_nimg), logged to log.jsonl and TensorBoard; reuses one Evaluator."""
+    ec = trainer.cfg.eval
+    model = trainer.ema.modules[trainer.cfg.train.ema_sample]
+    results = evaluator.evaluate(lambda s, m, sd: trainer.samples(s, m, sd), model, ec.steps, ec.n)
+    log.write(trainer.step, trainer.nimg, {f"eval/{name}_{k}step": float(v) for k, row in results.items()
+                                           for name, v in row.items() if name != "nfe"})
 
 
 def _version() -> str:
@@ -348,26 +379,72 @@ def _version() -> str:
     return __version__
 
 
+REPLACED_PREFIX = ".replaced-"  # --force moves an old run's files into RUN/.replaced-<time>/
+RUN_MARKERS = ("config.yaml", "checkpoints", "log.jsonl")  # a directory holding any of these holds a run
+
+
+def _force_hint(run_dir: Path) -> str:
+    return f"pass --force to start over there (the old files are moved to {run_dir / (REPLACED_PREFIX + '<time>')})"
+
+
+def _refuse(run_dir: Path, what: str, diffs: list[str]) -> None:
+    if diffs:
+        raise ConfigError(f"run directory '{run_dir}' holds a different run ({what}); differing keys: "
+                          + "; ".join(diffs) + ". Choose another run.dir, resume with the same config, or "
+                          + _force_hint(run_dir) + ".")
+
+
+def check_same_run(run_dir: Path, cfg: Config) -> None:
+    """Refuse a run directory whose checkpoint or config.yaml holds a config that differs from cfg."""
+    new = yaml.safe_load(cfg.to_yaml())  # the form config.yaml holds
+    if (run_dir / "checkpoints").is_dir():
+        try:
+            old = latest_checkpoint(run_dir / "checkpoints")
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}. Restore a checkpoint there, choose another run.dir, or "
+                                  + _force_hint(run_dir)) from None
+        if old is not None:
+            _refuse(run_dir, f"checkpoint {old[0].name}", config_differences(old[2].get("config", {}), new))
+    path = run_dir / "config.yaml"
+    if path.is_file():  # e.g. a run killed before its first checkpoint
+        try:
+            saved = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            saved = None
+        if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
+            raise ConfigError(f"run directory '{run_dir}' holds a config.yaml that is not a cmkit config. Choose "
+                              f"another run.dir, or " + _force_hint(run_dir) + ".")
+        _refuse(run_dir, "its config.yaml", config_differences(saved, new))
+
+
+def move_old_run(run_dir: Path) -> Path | None:
+    """--force: move everything a previous run left in run_dir into run_dir/.replaced-<time>/; nothing is deleted."""
+    if not any((run_dir / m).exists() for m in RUN_MARKERS):
+        return None
+    old = [p for p in run_dir.iterdir() if not p.name.startswith(REPLACED_PREFIX)]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest, n = run_dir / f"{REPLACED_PREFIX}{stamp}", 1
+    while dest.exists():
+        dest, n = run_dir / f"{REPLACED_PREFIX}{stamp}-{n}", n + 1
+    dest.mkdir()
+    for p in old:
+        p.rename(dest / p.name)
+    return dest
+
+
 def prepare_run_dir(run_dir: Path, cfg: Config, force: bool) -> None:
-    """Refuse a run directory holding a different run, unless force; write config.yaml.
+    """Refuse a run directory holding a different run, unless force (then move the old run aside); write config.yaml.
 
     Called only once the config, data and networks are known to be valid, so a bad command
     never touches an existing run's files.
     """
-    old = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
-    if old is not None and not force:
-        diffs = config_differences(old[2].get("config", {}), cfg.to_dict())
-        if diffs:
-            raise ConfigError(
-                f"run directory '{run_dir}' holds a different run (checkpoint {old[0].name}); differing keys: "
-                + "; ".join(diffs)
-                + ". Choose another run.dir, resume with the same config, or pass --force to start over there."
-            )
+    if force:
+        moved = move_old_run(run_dir)  # without reading its checkpoints: they may all be corrupt
+        if moved is not None:
+            print(f"cmkit: --force: moved the previous run's files to {moved}", file=sys.stderr)
+    else:
+        check_same_run(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if force and (run_dir / "checkpoints").is_dir():
-        for p in (run_dir / "checkpoints").iterdir():
-            if p.is_file():
-                p.unlink()
     for p in remove_temporaries(run_dir / "checkpoints"):
         print(f"cmkit: removed {p.name}, left by a process killed during a save", file=sys.stderr)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -394,6 +471,7 @@ def _train(cfg: Config, info: distributed.DistInfo, force: bool, stop_after: int
     torch.manual_seed(cfg.train.seed * 1_000_003 + info.rank)
     run_dir = Path(cfg.run.dir)
     trainer = Trainer(cfg, info, device)  # validates config, data and networks before any file is touched
+    evaluator = build_evaluator(trainer) if info.is_main and cfg.eval.every_nimg else None
     if info.is_main:
         prepare_run_dir(run_dir, cfg, force)
     distributed.barrier(info)
@@ -405,12 +483,16 @@ def _train(cfg: Config, info: distributed.DistInfo, force: bool, stop_after: int
     streams = trainer.streams()
     log = RunLog(run_dir, enabled=info.is_main, tensorboard=rc.tensorboard, progress=rc.progress,
                  total=tc.steps, initial=trainer.step)
-    stop = {"signal": None}
+    stop = {"signal": None, "handlers": None}
 
     def on_signal(signum, frame):  # finish the current step, checkpoint, exit cleanly
         stop["signal"] = signum
+        _install(stop["handlers"])  # the previous (default) handlers again: a second Ctrl-C aborts at once
+        if info.is_main:
+            _note(f"cmkit: {signal.Signals(signum).name} received: stopping after the current step with a "
+                  f"checkpoint; send it again to abort at once.\n")
 
-    old_handlers = _install(on_signal)
+    stop["handlers"] = _install(on_signal)
     start, t_last, steps_last = time.perf_counter(), time.perf_counter(), trainer.step
     end = tc.steps if stop_after is None else min(tc.steps, trainer.step + stop_after)
     try:
@@ -434,7 +516,7 @@ def _train(cfg: Config, info: distributed.DistInfo, force: bool, stop_after: int
                 trainer.write_samples(run_dir, final=False)
             every = cfg.eval.every_nimg
             if info.is_main and every and (trainer.nimg // every) > ((trainer.nimg - tc.batch_size) // every):
-                periodic_eval(trainer, run_dir, log)
+                periodic_eval(trainer, evaluator, log)
         trainer.save(run_dir, final=True)
         if stop["signal"] is not None and info.is_main:
             name = signal.Signals(stop["signal"]).name
@@ -447,8 +529,16 @@ def _train(cfg: Config, info: distributed.DistInfo, force: bool, stop_after: int
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     finally:
         log.close()
-        _install(old_handlers)
+        _install(stop["handlers"])
     return run_dir
+
+
+def _note(text: str) -> None:
+    """Write to stderr from a signal handler: os.write, as print could re-enter a buffered write in progress."""
+    try:
+        os.write(sys.stderr.fileno(), text.encode())
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation (captured stderr) is both
+        pass
 
 
 def _install(handler):

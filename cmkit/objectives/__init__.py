@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cmkit.config import ConfigError
 from cmkit.objectives.act import ACTConfig, AdversarialConsistencyTraining
 from cmkit.objectives.base import MethodSpec, Objective, Phase
 from cmkit.objectives.cmgan import CMGAN, CMGANConfig
@@ -53,9 +54,35 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+def check_combination(cfg) -> None:
+    """Reject method/network/train combinations that cannot work, with the fix, before anything is built.
+
+    Checked elsewhere already: a U-Net on vector data (nets.unet), CM-GAN's blur and ACT's augmentation
+    on vector data, class conditioning without labels, each method's own options (its config's validate).
+    An MLP on image data works (it flattens them), so it is not refused.
+    """
+    spec = METHODS[cfg.method.name]
+    scm = issubclass(spec.objective, ContinuousConsistency)
+    # sCM Eq. 6 takes df/dt by torch.func.jvp; MACHINE-NOTES §1: a compiled backbone fails under the JVP
+    # (native GroupNorm: INTERNAL ASSERT ... _fw_primal; SDPA never compiles under a JVP), and no gain on CPU.
+    if scm and cfg.method.discrete_steps == 0 and cfg.train.compile:
+        raise ConfigError(
+            f"method.name={cfg.method.name} takes the tangent df/dt by forward-mode AD (torch.func.jvp, sCM Eq. 6), "
+            f"which fails through a torch.compile'd network; set train.compile=false (eager JVP is about as fast), "
+            f"or use method.discrete_steps=N for the discrete-time variant")
+    # Only sCM's objective feeds the guidance scale w to the student (sCM Sec. 5.2); any other method would
+    # fail at its first forward pass with "this network takes a guidance scale".
+    if cfg.net.guidance_cond and not scm:
+        raise ConfigError(
+            f"net.guidance_cond=true (a student that takes the guidance scale w) is only trained by sCD/sCT "
+            f"(method.name=sct, scd, ct_trigflow); method.name={cfg.method.name} never passes w: set "
+            f"net.guidance_cond=false")
+
+
 def build_objective(cfg, shape: tuple[int, ...], num_classes: int = 0) -> Objective:
     """Instantiate the objective of cfg.method.name for data of the given per-sample shape."""
+    check_combination(cfg)
     return METHODS[cfg.method.name].objective(cfg, shape, num_classes)
 
 
-__all__ = ["METHODS", "MethodSpec", "Objective", "Phase", "build_objective"]
+__all__ = ["METHODS", "MethodSpec", "Objective", "Phase", "build_objective", "check_combination"]
