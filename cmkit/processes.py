@@ -123,12 +123,20 @@ def _c_noise_identity(t: Tensor, sigma_data: float) -> Tensor:
     return t
 
 
+# Smallest cos t the EDM transform divides by: below cos of the last float32 under π/2 (7.5e-8), so
+# c_noise keeps increasing up to float32(π/2) (cos -4.4e-8); in float64 only t within 5e-8 of π/2 is capped.
+_COS_MIN = 5e-8
+
+
 def _c_noise_edm(t: Tensor, sigma_data: float) -> Tensor:
     """EDM's c_noise(σ) = ¼·ln σ at σ = σ_d·tan t (sCM Sec. 4.1, App. B.2), for ablation.
 
     sin(t)·∂_t c_noise = 1/(4 cos t) blows up as t → π/2, which is why sCM does not use it.
+    σ is σ_d·sin t/max(cos t, _COS_MIN), not σ_d·tan t: float32(π/2), where the samplers start, lies
+    4.4e-8 beyond π/2, so tan t there is -2.3e7 and ln σ would land at the clamp (the embedding of t ≈ 0).
     """
-    return 0.25 * torch.log((sigma_data * torch.tan(t)).clamp_min(1e-20))
+    sigma = sigma_data * torch.sin(t) / torch.cos(t).clamp_min(_COS_MIN)
+    return 0.25 * torch.log(sigma.clamp_min(1e-20))
 
 
 TIME_TRANSFORMS = {"identity": _c_noise_identity, "edm": _c_noise_edm}

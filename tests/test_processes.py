@@ -1,5 +1,7 @@
 """VE process and the consistency parameterisation (papers/README.md; iCT Eq. 2)."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -63,3 +65,24 @@ def test_renoise_and_sampling_times():
     assert p.sampling_times(2) == [80.0, 0.821]
     t3 = p.sampling_times(3)
     assert t3[0] == pytest.approx(80.0) and len(t3) == 3 and t3[1] > t3[2] > 0.002
+
+
+def test_trigflow_edm_c_noise_is_finite_and_largest_at_float32_half_pi():
+    """EDM c_noise = ¼ ln(σ_d tan t) (sCM App. B.2): float32(π/2) lies 4.4e-8 beyond π/2, where tan t < 0."""
+    from cmkit.processes import TrigFlow
+
+    p = TrigFlow(sigma_data=0.5, time_transform="edm")
+    t_max = torch.tensor([p.t_max])  # float32(π/2), where the one-step and ODE samplers start
+    assert t_max.double().item() > math.pi / 2  # the premise: tan(t_max) = -2.3e7
+    below = torch.nextafter(t_max, torch.tensor([0.0]))  # the largest float32 under π/2
+    t = torch.tensor([1.5, below.item(), t_max.item()])
+    c = p.c_noise(t)
+    assert torch.isfinite(c).all()
+    assert c[0].item() == pytest.approx(0.25 * math.log(0.5 * math.tan(1.5)), rel=1e-6)  # 0.48826
+    # σ at the largest float32 below π/2 is 0.5/cos(t) with cos(t) = π/2 - t = 7.55e-8 (to 1e-22)
+    assert c[1].item() == pytest.approx(0.25 * math.log(0.5 / (math.pi / 2 - below.double().item())), rel=1e-5)
+    assert c[2] > c[1] > c[0] > 0  # increasing up to the sampler's start, not the t ≈ 0 value ¼ ln(1e-20)
+    # the float64 transform matches the closed form below π/2
+    t64 = torch.tensor([0.3, 1.2, 1.57], dtype=torch.float64)
+    ref = 0.25 * torch.log(0.5 * torch.tan(t64))
+    torch.testing.assert_close(p.c_noise(t64), ref, rtol=1e-12, atol=0)
