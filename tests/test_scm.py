@@ -601,3 +601,235 @@ def test_guided_scd_from_a_trigflow_run(tmp_path):
                                          "method.name=trigflow", f"run.dir={tmp_path / 'plain'}"]))
     with pytest.raises(ConfigError, match="class-conditional teacher .classifier-free"):
         build_objective(load_config(None, [*scd, f"method.teacher={plain_dir}", "method.guidance=2.0"]), (2,), K)
+
+
+# ----------------------------------------------------------------------------
+# Audit follow-ups: π/2 numerics, warmup in discrete time, pinned formulas, config checks.
+
+
+def _captured_tangent(monkeypatch, obj, *args, **kwargs):
+    """Run consistency_loss and return the tangent g it passes to normalize_tangent."""
+    import cmkit.objectives.scm as scm
+
+    seen = {}
+    real = scm.normalize_tangent
+
+    def spy(g, kind, c=0.1):
+        seen["g"] = g.clone()
+        return real(g, kind, c)
+
+    monkeypatch.setattr(scm, "normalize_tangent", spy)
+    out = obj.consistency_loss(*args, **kwargs)
+    return seen["g"], out
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_uniform_weighting_tangent_at_float32_half_pi(monkeypatch, discrete):
+    """w = 1 (Eq. 2): g = σ_d sin t·df⁻/dt, also at float32(π/2) = π/2 + 4.4e-8 (the last grid point), where
+    cos t < 0 and tan t = -2.3e7; a tan or clamped-cos factor would give the wrong sign or size there."""
+    N = 8
+    obj = _objective(*NO_STABILISERS, "method.weighting=uniform", f"method.discrete_steps={N if discrete else 0}",
+                     dtype=torch.float64)
+    x0, z, _ = _draw()
+    t = torch.full((8,), torch.tensor(math.pi / 2, dtype=torch.float32).double().item(), dtype=torch.float64)
+    assert torch.all(torch.cos(t) < 0)
+    g, _ = _captured_tangent(monkeypatch, obj, x0, z, t)
+    x_t = obj.process.add_noise(x0, z, t)
+    with torch.no_grad():
+        if discrete:  # CT: the same x0, z one grid step earlier; d f/dt by the plain difference
+            s = t - (math.pi / 2) / N
+            dfdt = (_f(obj, x_t, t) - _f(obj, obj.process.add_noise(x0, z, s), s)) / (t - s)[:, None]
+        else:
+            h, dxdt = 1e-5, obj.process.velocity_target(x0, z, t)
+            dfdt = (_f(obj, x_t + h * dxdt, t + h) - _f(obj, x_t - h * dxdt, t - h)) / (2 * h)
+    expected = SD * torch.sin(t)[:, None] * dfdt
+    assert expected.norm() > 0.1  # a sign error would show
+    torch.testing.assert_close(g, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_discrete_tangent_warmup_scales_the_discrete_sin_term():
+    """r multiplies S = (cos t - cos s)x_s - σ_d sin t (F_t - F_s) of f_t - f_s = C + S (Eq. 5), and the
+    discrete tangent with warmup r tends to the JVP tangent with the same r (Eq. 6 with r·sin t)."""
+    from cmkit.objectives.base import SharedDropout
+
+    obj = _objective(*NO_STABILISERS, dtype=torch.float64)
+    x0, z, t = _draw()
+    x_t, dxdt = obj.process.add_noise(x0, z, t), obj.process.velocity_target(x0, z, t)
+    drop = SharedDropout(x0.device, False)
+    s = t - 0.05
+    x_s = obj.process.add_noise(x0, z, s)
+    _, g0 = obj.finite_difference_tangent(x_t, t, x_s, s, None, drop, r=0.0)
+    _, g1 = obj.finite_difference_tangent(x_t, t, x_s, s, None, drop, r=1.0)
+    _, gh = obj.finite_difference_tangent(x_t, t, x_s, s, None, drop, r=0.25)
+    with torch.no_grad():
+        F_t, F_s = obj.model.net(x_t / SD, t), obj.model.net(x_s / SD, s)
+        f_t, f_s = _f(obj, x_t, t), _f(obj, x_s, s)
+    ct, st, cs_, ss = (fn(a)[:, None] for a in (t, s) for fn in (torch.cos, torch.sin))
+    C = ct * (x_t - x_s) - SD * (st - ss) * F_s
+    torch.testing.assert_close(g0, ct * C / 0.05, rtol=1e-9, atol=1e-12)  # r = 0: the cos term only
+    torch.testing.assert_close(g1, ct * (f_t - f_s) / 0.05, rtol=1e-9, atol=1e-12)  # r = 1: plain difference
+    torch.testing.assert_close(gh, 0.75 * g0 + 0.25 * g1, rtol=1e-9, atol=1e-12)  # linear in r
+    assert (g1 - g0).abs().max() > 0.1  # the sin term is not negligible, so the checks above have teeth
+    # continuous limit with r = 0.3, s → t
+    _, g_jvp = obj.tangent(x_t, t, dxdt, r=0.3)
+    errs = []
+    for dt in (1e-3, 1e-4):
+        s = t - dt
+        _, g = obj.finite_difference_tangent(x_t, t, obj.process.add_noise(x0, z, s), s, None, drop, r=0.3)
+        errs.append(((g - g_jvp).norm() / g_jvp.norm()).item())
+    assert errs[1] < 1e-3 and errs[1] < errs[0] / 5, errs
+
+
+def test_loss_logs_and_applies_warmup_in_discrete_time():
+    N, H = 64, 100
+    obj = _objective("method.adaptive_weighting=false", "method.tangent_norm=none", f"method.tangent_warmup={H}",
+                     f"method.discrete_steps={N}", dtype=torch.float64)
+    x0, z, t = _draw()
+    step = (math.pi / 2) / N
+    t = torch.ceil(t / step) * step
+    half = obj.consistency_loss(x0, z, t, progress=Progress(50 * 8, 1000, 8))  # k = 50: r = 0.5
+    assert half["r"] == 0.5
+    from cmkit.objectives.base import SharedDropout
+
+    x_t, s = obj.process.add_noise(x0, z, t), t - step
+    _, g = obj.finite_difference_tangent(x_t, t, obj.process.add_noise(x0, z, s), s, None,
+                                         SharedDropout(x0.device, False), r=0.5)
+    # F_θ = F_θ⁻ (no dropout); Eq. 8's MSE is formed in float32
+    torch.testing.assert_close(half["loss"], g.square().mean(1).float(), rtol=1e-6, atol=1e-9)
+    full = obj.consistency_loss(x0, z, t, progress=Progress(200 * 8, 1000, 8))
+    assert full["r"] == 1.0 and not torch.allclose(full["loss"], half["loss"])
+
+
+@pytest.mark.parametrize("kind", ["normalize", "clip"])
+def test_consistency_loss_mse_uses_the_stabilised_objective_tangent(kind):
+    """Eq. 8 (no w_φ): ‖F_θ - F_θ⁻ - ĝ‖²/D with ĝ = g/(‖g‖ + 0.1) or clip(g, -1, 1), g = the objective's tangent."""
+    obj = _objective("method.adaptive_weighting=false", "method.tangent_warmup=0", f"method.tangent_norm={kind}",
+                     dtype=torch.float64)
+    torch.nn.init.normal_(obj.model.net.out.weight, std=3.0)  # tangents well beyond the clip range
+    x0, z, t = _draw()
+    out = obj.consistency_loss(x0, z, t)
+    x_t, dxdt = obj.process.add_noise(x0, z, t), obj.process.velocity_target(x0, z, t)
+    F_minus, g = obj.tangent(x_t, t, dxdt, r=1.0)
+    assert g.abs().max() > 1.5 and g.abs().min() < 1  # both clipped and unclipped entries
+    if kind == "normalize":
+        norm = torch.sqrt((g**2).sum(1, keepdim=True))
+        g_hat = g / (norm + 0.1)
+    else:
+        g_hat = torch.where(g > 1, torch.ones_like(g), torch.where(g < -1, -torch.ones_like(g), g))
+    F_theta = obj.model.net(x_t / SD, t)
+    expected = ((F_theta - F_minus - g_hat) ** 2).sum(1) / x0.shape[1]
+    torch.testing.assert_close(out["loss"], expected.float(), rtol=1e-6, atol=1e-9)  # the MSE is formed in float32
+    torch.testing.assert_close(out["mse"], expected.mean().float(), rtol=1e-6, atol=1e-9)
+    raw = torch.sqrt((g**2).sum(1)).mean()
+    torch.testing.assert_close(out["tangent_norm"], raw, rtol=1e-12, atol=0)
+
+
+def test_discrete_loss_times_lie_on_the_grid(monkeypatch):
+    """discrete_steps = N: loss() evaluates at t_i = i·π/(2N), i = 1..N, t_i the ceiling of the proposal's t,
+    so P(t_i) = P(t_{i-1} < t ≤ t_i) under ln(σ_d tan t) ~ N(P_mean, P_std²) (closed form)."""
+    N, n = 4, 40000
+    obj = _objective(*NO_STABILISERS, f"method.discrete_steps={N}")
+    seen = {}
+    monkeypatch.setattr(obj, "consistency_loss", lambda x0, z, t, *a, **k: seen.setdefault("t", t))
+    torch.manual_seed(0)
+    obj.loss({"x": torch.zeros(n, 2)}, Progress(0, 100, n))
+    t = seen["t"].double()
+    step = math.pi / (2 * N)
+    i = torch.round(t / step)
+    assert torch.all((t - i * step).abs() < 1e-6) and i.min() >= 1 and i.max() == N
+    cdf = lambda a: 0.5 * (1 + math.erf((math.log(SD * math.tan(a)) + 1.0) / (1.4 * math.sqrt(2)))) if a > 0 else 0.0
+    for k in range(1, N + 1):
+        upper = 1.0 if k == N else cdf(k * step)
+        expected = upper - cdf((k - 1) * step)
+        assert (i == k).double().mean().item() == pytest.approx(expected, abs=0.01), k
+
+
+def test_discrete_scd_with_gaussian_teacher_tends_to_continuous_scd():
+    """Discrete sCD (one DDIM step of the analytic TrigFlow teacher, Fig. 5c) → continuous sCD (Eq. 8) as N grows."""
+    obj = _objective(*NO_STABILISERS, dtype=torch.float64)
+    obj.set_teacher(GaussianTrigFlowTeacher(0.5, 0.25, SD))
+    x0, z, t0 = _draw(n=16)
+    errs = []
+    for N in (100, 1000, 10000):
+        step = (math.pi / 2) / N
+        t = torch.ceil(t0 / step) * step
+        obj.cfg.discrete_steps = N
+        disc = obj.consistency_loss(x0, z, t)["loss"]
+        obj.cfg.discrete_steps = 0
+        cont = obj.consistency_loss(x0, z, t)["loss"]
+        errs.append(((disc - cont).abs().max() / cont.abs().max()).item())
+    assert errs[2] < 1e-3 and errs[0] / errs[1] > 5 and errs[1] / errs[2] > 5, errs  # first order in Δt
+
+
+def test_scd_teacher_time_conditioning_must_match():
+    obj = _objective("method.time_transform=edm")
+    with pytest.raises(ConfigError, match="time_transform=edm must equal the teacher's .identity."):
+        obj.set_teacher(GaussianTrigFlowTeacher(0.5, 0.25, SD))
+    obj = _objective("method.time_scale=1000")
+    teacher = GaussianTrigFlowTeacher(0.5, 0.25, SD)
+    with pytest.raises(ConfigError, match="time_scale=1000.0 must equal the teacher's .1.0."):
+        obj.set_teacher(teacher)
+    teacher.process = TrigFlow(SD, time_scale=1000.0)
+    obj.set_teacher(teacher)  # matching conditioning is accepted
+    assert obj.teacher is teacher
+
+
+def test_mlp_rejects_a_modulation_it_does_not_have():
+    cfg = load_config(None, ["net.name=mlp", "net.modulation=double_norm", "method.name=sct"])
+    with pytest.raises(ConfigError, match="net.modulation=double_norm is a U-Net ResBlock option"):
+        build_objective(cfg, (2,))
+
+
+def test_jvp_fp32_keeps_the_tangent_in_float32_under_bf16_autocast():
+    obj = _objective()
+    x0, z, t = (a.float() for a in _draw())
+    x_t, dxdt = obj.process.add_noise(x0, z, t), obj.process.velocity_target(x0, z, t)
+    F_ref, g_ref = obj.tangent(x_t, t, dxdt)  # pure float32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        F_on, g_on = obj.tangent(x_t, t, dxdt)
+    assert F_on.dtype == torch.float32 and torch.equal(F_on, F_ref) and torch.equal(g_on, g_ref)
+    obj.cfg.jvp_fp32 = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        F_off, g_off = obj.tangent(x_t, t, dxdt)
+    assert F_off.dtype == torch.bfloat16  # the network ran under autocast
+    err = ((g_off.float() - g_ref).norm() / g_ref.norm()).item()
+    assert 1e-6 < err < 3e-2, err  # bf16 precision: different from float32, but the same tangent
+
+
+def test_adaptive_double_norm_is_norm_times_pnorm_scale_plus_pnorm_shift():
+    """sCM Sec. 4.1: y = norm(h)⊙pnorm(s(t)) + pnorm(b(t)), pnorm(v) = v/sqrt(mean_c v² + 1e-8) (Karras 2017, Eq. 2)."""
+    from cmkit.nets.layers import ResBlock
+
+    torch.manual_seed(0)
+    blk = ResBlock(4, 4, emb_dim=6, num_groups=2, modulation="double_norm").double()
+    for p in blk.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x, emb = torch.randn(3, 4, 5, 5, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    seen = {}
+    blk.dropout.register_forward_pre_hook(lambda mod, inp: seen.setdefault("act", inp[0].clone()))
+    blk(x, emb)
+    with torch.no_grad():
+        h = blk.conv1(torch.nn.functional.silu(blk.norm1(x)))
+        s, b = (blk.emb(torch.nn.functional.silu(emb)) @ torch.eye(8, dtype=torch.float64)).split(4, dim=1)
+        # GroupNorm by hand (2 groups of 2 channels, biased variance, eps 1e-5) with its affine γ, β
+        hg = h.reshape(3, 2, -1)
+        hn = ((hg - hg.mean(-1, keepdim=True)) / torch.sqrt(hg.var(-1, unbiased=False, keepdim=True) + 1e-5))
+        hn = hn.reshape(3, 4, 5, 5) * blk.norm2.weight[:, None, None] + blk.norm2.bias[:, None, None]
+        pn = lambda v: v / torch.sqrt((v**2).mean(1, keepdim=True) + 1e-8)
+        y = hn * pn(s)[:, :, None, None] + pn(b)[:, :, None, None]
+    torch.testing.assert_close(seen["act"], torch.nn.functional.silu(y), rtol=1e-10, atol=1e-12)
+    film = torch.nn.functional.silu(hn * (1 + s[:, :, None, None]) + b[:, :, None, None])
+    assert not torch.allclose(seen["act"], film)  # not AdaGN
+
+
+def test_positional_embedding_hand_values():
+    """[cos(c ω_i), sin(c ω_i)] with ω_i = 10000^(-i/(dim/2)), i = 0..dim/2-1 (Vaswani et al. 2017 Sec. 3.5)."""
+    from cmkit.nets.layers import PositionalEmbedding
+
+    c = torch.tensor([0.0, 2.0, -1.5])
+    out = PositionalEmbedding(6)(c)
+    omegas = [1.0, 10000 ** (-1 / 3), 10000 ** (-2 / 3)]  # 1, 0.046416, 0.0021544
+    for row, cv in zip(out, c.tolist()):
+        expected = [math.cos(cv * w) for w in omegas] + [math.sin(cv * w) for w in omegas]
+        assert row.tolist() == pytest.approx(expected, abs=1e-6)
+    assert out[1, 1].item() == pytest.approx(math.cos(0.0928318), abs=1e-6)  # cos(2·0.0464159)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cmkit.config import ConfigError
 from cmkit.nets.layers import NoiseEmbedding
 
 
@@ -47,6 +48,11 @@ class MLP(nn.Module):
     @classmethod
     def from_config(cls, cfg, data_shape: Sequence[int], num_classes: int = 0) -> "MLP":
         """Build from a NetConfig (cmkit.config)."""
+        modulation = getattr(cfg, "modulation", "film")
+        if modulation != "film":  # the default, which the MLP ignores like every U-Net-only option's default
+            raise ConfigError(f"net.modulation={modulation} is a U-Net ResBlock option (sCM Sec. 4.1); the MLP takes "
+                              f"its noise embedding by concatenation and has no modulation. Use net.name=unet or "
+                              f"leave net.modulation=film")
         return cls(
             data_shape,
             hidden=cfg.hidden,

@@ -57,7 +57,7 @@ class SCMConfig:
     weighting_dim: int = 128  # width of w_φ's positional time features
     tangent_norm: str = "normalize"  # normalize g/(‖g‖+c) | clip to [-1, 1] | none
     tangent_c: float = 0.1
-    tangent_warmup: int = 10000  # H: r = min(k/H, 1) multiplies the sin(t) term of Eq. 6; 0 = off
+    tangent_warmup: int = 10000  # H: r = min(k/H, 1) multiplies the sin(t) term of Eq. 6 (or its discrete analogue); 0 = off
     discrete_steps: int = 0  # N > 0: discrete-time CM in TrigFlow on an N-step grid (Fig. 5c)
     shared_dropout: bool = True  # identical dropout masks in the tangent pass and the student pass
     jvp_fp32: bool = True  # run the tangent pass with autocast disabled (Sec. 5.1 numerics)
@@ -118,7 +118,14 @@ class AdaptiveWeight(nn.Module):
 
 
 def normalize_tangent(g: Tensor, kind: str, c: float = 0.1) -> Tensor:
-    """sCM Sec. 4.2 'Tangent Normalization': g/(‖g‖₂ + c) per sample, or clip(g, -1, 1), or g."""
+    """sCM Sec. 4.2 'Tangent Normalization': g/(‖g‖₂ + c) per sample, or clip(g, -1, 1), or g.
+
+    g is the weighted tangent of the loss (cos t·df⁻/dt under the prior weighting), as in the published
+    paper's Algorithm 1 (App. A, not in the extracted text), which normalises g after forming it. The
+    extracted Sec. 4.2 and Fig. 5a text normalise the raw tangent df⁻/dt instead. Algorithm 1's form equals
+    df⁻/dt/(‖df⁻/dt‖ + c/cos t); the text's rule inside Eq. 8 would give cos t·df⁻/dt/(‖df⁻/dt‖ + c). Clipping
+    likewise bounds cos t·df⁻/dt here, df⁻/dt in the text.
+    """
     if kind == "normalize":
         return g / (g.flatten(1).norm(dim=1).reshape(-1, *[1] * (g.ndim - 1)) + c)
     if kind == "clip":
@@ -150,6 +157,12 @@ class ContinuousConsistency(Objective):
 
     def set_teacher(self, teacher: nn.Module) -> None:
         """Use a TrigFlow diffusion model (output = velocity dx_t/dt, Eq. 3) as the sCD teacher."""
+        for key in ("time_transform", "time_scale"):  # the teacher must see the c_noise(t) the student sees
+            theirs, ours = getattr(teacher.process, key), getattr(self.process, key)
+            if theirs != ours:
+                raise ConfigError(f"method.{key}={ours} must equal the teacher's ({theirs}): the sCD student and its "
+                                  f"TrigFlow teacher share c_noise(t) (init_from_teacher copies its weights); set "
+                                  f"method.{key}={theirs}")
         class_cond = getattr(teacher, "class_cond", False)
         if self.cfg.guided and not class_cond:
             raise ConfigError("method.guidance/method.guidance_range need a class-conditional teacher (classifier-"
@@ -198,20 +211,22 @@ class ContinuousConsistency(Objective):
 
     @torch.no_grad()
     def tangent(self, x_t: Tensor, t: Tensor, dxdt: Tensor, labels=None, r: float = 1.0,
-                guidance: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(F_θ⁻, cos(t)·df_θ⁻/dt) at (x_t, t) along dx_t/dt, by one no-grad JVP (sCM Eq. 6, Sec. 5.1).
+                guidance: Tensor | None = None, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(F_θ⁻, λ(t)·df_θ⁻/dt) at (x_t, t) along dx_t/dt, by one no-grad JVP (sCM Eq. 6, Sec. 5.1).
 
-        The JVP of F⁻ at (x_t/σ_d, t) with tangents (cos t sin t·dx_t/dt, cos t sin t·σ_d) gives
-        σ_d cos t sin t·dF⁻/dt (Sec. 5.1; the extracted equation drops the σ_d on its left, derived
-        here from dF⁻/dt = ∇F⁻·(dx_t/dt)/σ_d + ∂_t F⁻). Then, from Eq. 6 times cos t, with the
-        tangent-warmup r on the sin t term (Sec. 4.2):
-        cos t·df⁻/dt = -cos²t·(σ_d F⁻ - dx_t/dt) - r·(cos t sin t·x_t + σ_d cos t sin t·dF⁻/dt).
+        λ = weight, cos t by default (the prior weighting folded into Eq. 8). The JVP of F⁻ at
+        (x_t/σ_d, t) with tangents (λ sin t·dx_t/dt, λ sin t·σ_d) gives σ_d λ sin t·dF⁻/dt (for λ = cos t
+        the arrangement of Sec. 5.1; the extracted equation drops the σ_d on its left, derived here from
+        dF⁻/dt = ∇F⁻·(dx_t/dt)/σ_d + ∂_t F⁻). Then, from Eq. 6 times λ, with the tangent-warmup r on
+        the sin t term (Sec. 4.2):
+        λ·df⁻/dt = -λ cos t·(σ_d F⁻ - dx_t/dt) - r·(λ sin t·x_t + σ_d λ sin t·dF⁻/dt).
         The guidance scale w is fixed along the trajectory, so it is an input but not a primal of the JVP.
         """
         sd = self.cfg.sigma_data
         t = t.to(x_t.dtype)
-        cs = torch.cos(t) * torch.sin(t)
-        cos, csb = _bcast(torch.cos(t), x_t), _bcast(cs, x_t)
+        lam = torch.cos(t) if weight is None else weight.to(x_t.dtype)
+        cs = lam * torch.sin(t)
+        lc, csb = _bcast(lam * torch.cos(t), x_t), _bcast(cs, x_t)
 
         def F(x_scaled, tt):
             return self._F(x_scaled, tt, labels, guidance)
@@ -219,19 +234,31 @@ class ContinuousConsistency(Objective):
         autocast_off = torch.autocast(x_t.device.type, enabled=False) if self.cfg.jvp_fp32 else _null()
         with autocast_off:
             F_minus, jvp = torch.func.jvp(F, (x_t / sd, t), (csb * dxdt, cs * sd))
-        g = -cos**2 * (sd * F_minus - dxdt) - r * (csb * x_t + jvp)
+        g = -lc * (sd * F_minus - dxdt) - r * (csb * x_t + jvp)
         return F_minus, g
 
     @torch.no_grad()
-    def finite_difference_tangent(self, x_t, t, x_s, s, labels, dropout: SharedDropout, guidance=None):
-        """(F_θ⁻(x_t), cos t·(f_θ⁻(x_t, t) - f_θ⁻(x_s, s))/(t - s)): the discrete-time tangent (Fig. 5c)."""
+    def finite_difference_tangent(self, x_t, t, x_s, s, labels, dropout: SharedDropout, guidance=None,
+                                  r: float = 1.0, weight: Tensor | None = None):
+        """(F_θ⁻(x_t), λ(t)·(C + r·S)/(t - s)): the discrete-time tangent (Fig. 5c), λ = weight or cos t.
+
+        Fig. 5c trains discrete-time CMs 'using all techniques in Sec. 4', so the tangent warmup r scales
+        the discrete sin term too. Eq. 5 and the discrete product rule split f⁻(x_t, t) - f⁻(x_s, s)
+        exactly into C + S (derived here; the paper's App. E is not in the extracted text):
+        C = cos t·(x_t - x_s) - σ_d (sin t - sin s)·F⁻_s → -cos t·(σ_d F⁻ - dx_t/dt)·Δt,
+        S = (cos t - cos s)·x_s - σ_d sin t·(F⁻_t - F⁻_s) → -sin t·(x_t + σ_d dF⁻/dt)·Δt,
+        Eq. 6's two terms as s → t. At r = 1 the tangent is the plain λ·(f⁻_t - f⁻_s)/(t - s).
+        """
         sd = self.cfg.sigma_data
         with dropout.record():
-            F_minus = self._F(x_t / sd, t, labels, guidance)
-        f_t = _bcast(torch.cos(t), x_t) * x_t - _bcast(torch.sin(t), x_t) * sd * F_minus  # Eq. 5
+            F_t = self._F(x_t / sd, t, labels, guidance)
         with dropout.replay():
-            f_s = self.model(x_s, s, labels, guidance=guidance)
-        return F_minus, _bcast(torch.cos(t) / (t - s), x_t) * (f_t - f_s)
+            F_s = self._F(x_s / sd, s, labels, guidance)
+        cos_t, sin_t, cos_s, sin_s = (_bcast(fn(a), x_t) for a in (t, s) for fn in (torch.cos, torch.sin))
+        C = cos_t * (x_t - x_s) - sd * (sin_t - sin_s) * F_s
+        S = (cos_t - cos_s) * x_s - sd * sin_t * (F_t - F_s)
+        lam = torch.cos(t) if weight is None else weight
+        return F_t, _bcast(lam / (t - s), x_t) * (C + r * S)
 
     def velocity(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels, guidance: Tensor | None = None) -> Tensor:
         """dx_t/dt: cos t·σ_d z - sin t·x0 (sCT) or the teacher's σ_d F_teacher(x_t/σ_d, t) (sCD, Eq. 3),
@@ -260,6 +287,10 @@ class ContinuousConsistency(Objective):
         x_t = self.process.add_noise(x0, z, t)
         dropout = SharedDropout(x0.device, m.shared_dropout)
         r = tangent_warmup(progress.k, m.tangent_warmup) if progress is not None else 1.0
+        # g = λ(t)·df⁻/dt. Prior weighting 1/(σ_d tan t): λ = cos t (Eq. 8). Uniform w = 1 (Eq. 2 as is): the
+        # θ-gradient of Eq. 2 is -σ_d sin t·df⁻/dt·∇F_θ, so λ = σ_d sin t, formed directly: σ_d tan t·(cos t·df/dt)
+        # relies on two sign flips cancelling beyond π/2, where float32(π/2), the last grid point, lies.
+        lam = torch.cos(t) if m.weighting == "prior" else sd * torch.sin(t)
         if m.discrete_steps > 0:
             step = (math.pi / 2) / m.discrete_steps
             s = t - step
@@ -267,13 +298,11 @@ class ContinuousConsistency(Objective):
                 x_s = self.process.add_noise(x0, z, s)
             else:  # CD: one exact-for-one-point TrigFlow step with the teacher velocity (DDIM)
                 x_s = math.cos(step) * x_t - math.sin(step) * self.velocity(x0, z, x_t, t, labels, guidance)
-            F_minus, g = self.finite_difference_tangent(x_t, t, x_s, s, labels, dropout, guidance)
+            F_minus, g = self.finite_difference_tangent(x_t, t, x_s, s, labels, dropout, guidance, r, lam)
         else:
             dxdt = self.velocity(x0, z, x_t, t, labels, guidance)
             with dropout.record():
-                F_minus, g = self.tangent(x_t, t, dxdt, labels, r, guidance)
-        if m.weighting == "uniform":  # w = 1: y = -σ_d sin t·df/dt = -σ_d tan t·(cos t df/dt)
-            g = _bcast(sd * torch.tan(t), g) * g
+                F_minus, g = self.tangent(x_t, t, dxdt, labels, r, guidance, lam)
         raw_norm = g.flatten(1).norm(dim=1)
         g = normalize_tangent(g, m.tangent_norm, m.tangent_c)
         with dropout.replay():
