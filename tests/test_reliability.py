@@ -392,26 +392,44 @@ def test_array_loader_fails_only_with_data_error(tmp_path, shape, dtype, poison)
 SLOW_SAVE = """
 import os, sys, time
 import cmkit.checkpoint as C
-original, count = C.atomic_write_bytes, [0]
+original, count, active = C.atomic_write_bytes, [0], [""]
+def stall():
+    open(os.environ["CMKIT_TEST_MARKER"], "w").close()
+    time.sleep(120)
 def slow(path, data):
     count[0] += 1
     if count[0] == int(os.environ["CMKIT_TEST_SLOW_SAVE"]):
         tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".x.tmp")
         with open(tmp, "wb") as f:
             f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
-        open(os.environ["CMKIT_TEST_MARKER"], "w").close()
-        time.sleep(120)
+        stall()
+    # CMKIT_TEST_BLOCK=write|rename: stall cmkit's own atomic write of save 3 half-way through the data, or
+    # with the temporary file complete but not yet renamed.
+    active[0] = os.environ.get("CMKIT_TEST_BLOCK", "") if count[0] == 3 else ""
     result = original(path, data)
     time.sleep(float(os.environ.get("CMKIT_TEST_SAVE_DELAY", "0")))  # keeps a short run killable
     return result
-C.atomic_write_bytes = slow
+real_fdopen, real_replace = os.fdopen, os.replace
+def fdopen(fd, *a, **k):
+    f = real_fdopen(fd, *a, **k)
+    if active[0] == "write":
+        real_write = f.write
+        def write(data):
+            real_write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno()); stall()
+        f.write = write
+    return f
+def replace(src, dst):
+    if active[0] == "rename":
+        stall()
+    return real_replace(src, dst)
+C.atomic_write_bytes, os.fdopen, os.replace = slow, fdopen, replace
 from cmkit.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def _spawn(tmp_path, args, slow_save=0, save_delay=0.0):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CMKIT_TEST_SLOW_SAVE": str(slow_save),
+def _spawn(tmp_path, args, slow_save=0, save_delay=0.0, block=""):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CMKIT_TEST_SLOW_SAVE": str(slow_save), "CMKIT_TEST_BLOCK": block,
            "CMKIT_TEST_SAVE_DELAY": str(save_delay),
            "CMKIT_TEST_MARKER": str(tmp_path / "in_save")}
     return subprocess.Popen([sys.executable, "-c", SLOW_SAVE, "train", *args], cwd=ROOT, env=env,
@@ -437,14 +455,15 @@ def test_kill9_at_random_moments_and_during_save_then_exact_resume(tmp_path):
 
     run = tmp_path / "run"
     rng = random.Random(0)
-    plan = ["random", "save", "random", "save"]
+    plan = ["random", "save", "random", "save", "write", "rename"]  # write/rename: inside the real atomic write
     for trial, kind in enumerate(plan):
         before = latest_checkpoint(run / "checkpoints") if (run / "checkpoints").is_dir() else None
         step0 = before[2]["step"] if before else 0
         (tmp_path / "in_save").unlink(missing_ok=True)
         # Each save then takes >= 0.1 s, so 30 steps outlast the random 0-0.3 s wait on a fast machine.
-        proc = _spawn(tmp_path, args + [f"run.dir={run}"], slow_save=3 if kind == "save" else 0, save_delay=0.1)
-        if kind == "save":
+        proc = _spawn(tmp_path, args + [f"run.dir={run}"], slow_save=3 if kind == "save" else 0, save_delay=0.1,
+                      block=kind if kind in ("write", "rename") else "")
+        if kind != "random":
             assert _wait_for(lambda: (tmp_path / "in_save").exists()), proc.communicate()
         else:
             assert _wait_for(lambda: len(list_checkpoints(run / "checkpoints"))
@@ -455,7 +474,7 @@ def test_kill9_at_random_moments_and_during_save_then_exact_resume(tmp_path):
         found = latest_checkpoint(run / "checkpoints")  # raises if nothing readable is left
         assert found is not None and found[2]["step"] >= step0, trial
         assert found[2]["step"] < steps, "the run finished before it was killed; kill earlier"
-        if kind == "save":
+        if kind != "random":
             assert list((run / "checkpoints").glob(".*.tmp")), "the kill did not happen mid-save"
     train(load_config(args[0], args[1:] + [f"run.dir={run}"]))  # resume to the end
     assert not list((run / "checkpoints").glob(".*.tmp"))
