@@ -210,7 +210,7 @@ def cmd_inspect_data(args) -> int:
     import torch
 
     from cmkit.data import load_dataset
-    from cmkit.latent.stats import format_stats, outlier_stats, td_values
+    from cmkit.latent.stats import format_stats, outlier_stats, run_td_values
 
     report: dict = {}
     if args.run is None or args.config is not None or args.overrides:
@@ -223,12 +223,7 @@ def cmd_inspect_data(args) -> int:
         from cmkit.run import load
 
         run = load(args.run, device=args.device)
-        m = run.cfg.method
-        x0 = run.dataset.x[torch.randperm(len(run.dataset), generator=torch.Generator().manual_seed(args.seed))[:args.n]]
-        td = td_values(run.model(ema=not args.no_ema), x0, num_scales=args.td_steps, sigma_min=m.sigma_min,
-                       sigma_max=m.sigma_max, rho=getattr(m, "rho", 7.0),
-                       schedule=getattr(m, "noise_schedule", "lognormal"), p_mean=getattr(m, "p_mean", -1.1),
-                       p_std=getattr(m, "p_std", 2.0), seed=args.seed)
+        td = run_td_values(run, args.n, num_scales=args.td_steps, seed=args.seed, ema=not args.no_ema)
         report[f"td_N{args.td_steps}"] = outlier_stats(td)
     for name, s in report.items():
         print(format_stats(name, s))

@@ -50,6 +50,7 @@ class NetConfig:
     attn_resolutions: list[int] = field(default_factory=lambda: [16])
     num_heads: int = 1
     dropout: float = 0.0
+    dropout_max_res: int = 0  # U-Net: dropout only at resolutions <= this (iCT App. B, ImageNet 64: 16); 0 = all
     embedding: str = "fourier"  # fourier | positional
     fourier_scale: float = 0.02  # iCT Sec. 3.1: 0.02 instead of 16
     emb_dim: int = 0  # time-embedding width; 0 = 4 * channels (U-Net) or hidden (MLP)
@@ -299,11 +300,12 @@ def from_dict(raw: dict) -> Config:
     sections = {}
     for name, cls in FIXED_SECTIONS.items():
         sections[name] = build_section(cls, raw.get(name) or {}, name)
-    method_raw = dict(raw.get("method") or {})
+    method_raw = raw.get("method") or {}
     if not isinstance(method_raw, dict):
-        raise ConfigError("section 'method' must be a mapping with at least 'name'")
+        raise ConfigError("section 'method' must be a mapping with at least 'name', e.g. method: {name: ict}")
+    method_raw = dict(method_raw)
     name = method_raw.setdefault("name", "ict")
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise ConfigError(f"unknown method.name '{name}'. Valid methods: {', '.join(sorted(METHODS))}")
     spec = METHODS[name]
     base = spec.config(**{**spec.preset, "name": name})

@@ -36,18 +36,18 @@ class Run:
         # teacher whose run is gone, CM-GAN's skipped init_from) look here.
         self.cfg.run.dir = str(self.dir)
         self.device = torch.device(device)
-        self.dataset = load_dataset(self.cfg.data)
+        self.dataset = load_dataset(self.cfg.data, device=self.device)
         num_classes = self.dataset.num_classes if self.cfg.net.class_cond else 0
         self.objective = build_objective(self.cfg, self.dataset.shape, num_classes)
         self.ema = EMA(self.objective.model, self.cfg.train.ema)
         try:
             self.objective.load_state_dict(state["objective"])
             self.ema.load_state_dict(state["ema"])
-        except (KeyError, RuntimeError) as e:
+            self.nimg = int(state["progress"]["nimg"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint does not match the run's config: {e}") from None
         self.objective.to(self.device).eval()
         self.ema.to(self.device)
-        self.nimg = int(state["progress"]["nimg"])
 
     def model(self, ema: bool = True, index: int | None = None):
         """The EMA model (default: the config's train.ema_sample) or the raw student."""

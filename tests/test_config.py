@@ -108,6 +108,7 @@ def test_ict_imagenet64_follows_ict_appendix_b():
     # iCT App. B: AdaGN removed, dropout 0.2, two-step σ_{i_2} = 1.526, ADM positional embedding (1000·¼·ln σ).
     cfg = load_config("configs/ict_imagenet64.yaml")
     assert (cfg.net.modulation, cfg.net.dropout, cfg.net.embedding) == ("add", 0.2, "positional")
+    assert cfg.net.dropout_max_res == 16
     assert cfg.method.mid_sigmas == [1.526] and cfg.method.c_noise_scale == 250.0
 
 
@@ -135,3 +136,17 @@ def test_presets_name_runs_that_a_config_produces_with_the_same_net_and_process(
         assert [getattr(src.method, k) for k in process] == [getattr(cfg.method, k) for k in process]
     if getattr(cfg.method, "consistency", "") == "cd":  # CM-GAN's CD source was distilled from the same teacher
         assert by_dir[cfg.method.init_from].method.teacher == cfg.method.teacher
+
+
+def test_step_time_benchmark_has_a_recipe_for_every_method():
+    # benchmarks/step_time.py times each method's network passes; a method without a recipe would KeyError there.
+    import importlib.util
+    import pathlib
+
+    from cmkit.objectives import METHODS
+
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "step_time.py"
+    spec = importlib.util.spec_from_file_location("step_time", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert sorted(set(METHODS) - set(module.RECIPES)) == []

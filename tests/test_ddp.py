@@ -30,7 +30,7 @@ METHODS = {
     "ict": ["configs/ict_toy.yaml", "net.dropout=0.1"],
     "ct": ["configs/ict_toy.yaml", "method.name=ct"],
     "sct": ["configs/sct_toy.yaml", "method.tangent_warmup=2"],
-    "act": ["configs/act_toy.yaml", "method.gp_interval=2"],
+    "act": ["configs/act_toy.yaml", "method.gp_interval=2", "method.aug_interval=2"],
     # ACT-Aug on digit images: the penalty EMA is the mean over ranks (as over 1 process's micro-batches),
     # τ = 0.001 keeps p_aug rising, so augmentation (kornia, seeded per micro-batch) runs on every rank.
     "act_aug": ["configs/act_aug_mnist.yaml", "data.name=digits", *UNET, "method.aug_ops=[flip,translate]",

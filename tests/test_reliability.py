@@ -359,6 +359,12 @@ def test_config_parser_fails_only_with_config_error(raw):
         pass
 
 
+@pytest.mark.parametrize("method", [True, "ict", 3, ["ict"], {"name": ["ict"]}, {"name": 7}])
+def test_a_method_section_that_is_not_a_mapping_is_a_config_error(method):
+    with pytest.raises(ConfigError, match="method"):
+        from_dict({"method": method})
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.text(max_size=20), max_size=4))
 def test_overrides_fail_only_with_config_error(items):
