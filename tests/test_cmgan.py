@@ -147,11 +147,13 @@ def test_generator_blurs_only_the_discriminator_input():
     x = torch.randn(8, *DIGITS)
     progress = Progress(250, 6400, 8)  # σ = 7.5
     seen = []
-    handle = obj.model.register_forward_hook(lambda m, a, o: seen.append(o.detach().clone()))
+    # the student's pass is the one with a graph (the iCT target, the same network, runs under no_grad)
+    handle = obj.model.register_forward_hook(lambda m, a, o: seen.append(o.detach().clone()) if o.requires_grad else None)
     torch.manual_seed(2)
     out = obj.generator_loss({"x": x}, progress)
     handle.remove()
     (d_in,) = obj.discriminator.inputs
+    assert len(seen) == 1
     torch.testing.assert_close(d_in, gaussian_blur(seen[0], 7.5), rtol=0, atol=1e-6)  # D sees blur(student)
     torch.manual_seed(2)
     torch.testing.assert_close(out["cm_loss"], obj.cm.loss({"x": x}, progress)["loss"].mean(), rtol=0, atol=0)

@@ -91,8 +91,8 @@ def _set_rng_state(device: torch.device, state) -> None:
 class SharedDropout:
     """Replays the RNG state so that two passes draw identical dropout masks (iCT Sec. 3.1).
 
-    ``with shared.record(): student(...)`` then ``with shared.replay(): teacher(...)``; after the
-    replay the RNG continues from where the recorded pass left it, as if one pass had run.
+    ``with shared.record(): teacher(...)`` then ``with shared.replay(): student(...)`` (either order); after
+    the replay the RNG continues from where the recorded pass left it, as if one pass had run.
     """
 
     def __init__(self, device: torch.device, enabled: bool = True):

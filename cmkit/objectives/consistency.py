@@ -157,12 +157,14 @@ class ConsistencyTraining(Objective):
         if self.cfg.coupling != "none":
             z = ot_pair(x0, z, self.cfg.coupling)  # iLCT Sec. 4.4: re-pair noise and data in this rank's batch
         t_next, t_i = sigma_next.to(x0.dtype), sigma_i.to(x0.dtype)
+        # The stop-grad target first: its activations are freed before the student's are built, which
+        # measured 3% faster per step on CPU (docs/benchmarks.md); the shared dropout mask is the same either way.
         dropout = SharedDropout(x0.device, self.cfg.shared_dropout)
-        with dropout.record():
-            student = self.model(self.process.add_noise(x0, z, t_next), t_next, labels)
         teacher = self.teacher if self.teacher is not None else self.model
-        with torch.no_grad(), dropout.replay():
+        with torch.no_grad(), dropout.record():
             target = teacher(self.process.add_noise(x0, z, t_i), t_i, labels)
+        with dropout.replay():
+            student = self.model(self.process.add_noise(x0, z, t_next), t_next, labels)
         # iCT Eq. 5 with λ(σ_i) (Table 1) and d: ℓ2, Pseudo-Huber (iCT Eq. 8), Cauchy or Geman-McClure (iLCT Eq. 6, 8).
         weight = self.weighting(sigma_i, sigma_next).to(torch.float32)
         c = self.robust_c(n)

@@ -299,11 +299,11 @@ class ConsistencyDistillation(Objective):
         x_next = self.process.add_noise(x0, torch.randn_like(x0), t_next)
         x_hat = self.neighbour(x_next, t_next, t_i, labels)
         dropout = SharedDropout(x0.device, self.cfg.shared_dropout)
-        with dropout.record():
-            student = self.model(x_next, t_next, labels)
         target_net = self.target if self.target is not None else self.model
-        with torch.no_grad(), dropout.replay():
+        with torch.no_grad(), dropout.record():  # stop-grad target first, as in consistency.py
             target = target_net(x_hat, t_i, labels)
+        with dropout.replay():
+            student = self.model(x_next, t_next, labels)
         # iCT Eq. 3: λ(σ_i)·d(f_θ(x_{σ_{i+1}}, σ_{i+1}), f_θ⁻(x̂_{σ_i}, σ_i)).
         weight = self.weighting(sigma_i, sigma_next).to(torch.float32)
         return {"loss": weight * self.distance(student, target, self.c), "N": float(n)}, student, t_next
