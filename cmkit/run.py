@@ -10,6 +10,7 @@ import yaml
 from cmkit.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
 from cmkit.config import ConfigError, from_dict
 from cmkit.data import load_dataset
+from cmkit.latent import check_autoencoder
 from cmkit.ema import EMA
 from cmkit.objectives import build_objective
 from cmkit.sampling import sample_batched
@@ -37,6 +38,7 @@ class Run:
         self.cfg.run.dir = str(self.dir)
         self.device = torch.device(device)
         self.dataset = load_dataset(self.cfg.data, device=self.device)
+        check_autoencoder(meta, self.dataset, checkpoint or self.dir)
         num_classes = self.dataset.num_classes if self.cfg.net.class_cond else 0
         self.objective = build_objective(self.cfg, self.dataset.shape, num_classes)
         self.ema = EMA(self.objective.model, self.cfg.train.ema)

@@ -24,6 +24,7 @@ from cmkit import distributed
 from cmkit.checkpoint import CheckpointError, keep_milestone, latest_checkpoint, remove_temporaries, save_checkpoint
 from cmkit.config import Config, ConfigError
 from cmkit.data import load_dataset, batches
+from cmkit.latent import autoencoder_identity, check_autoencoder
 from cmkit.ema import EMA
 from cmkit.images import save_samples
 from cmkit.objectives import build_objective
@@ -198,6 +199,8 @@ class Trainer:
         if not self.info.is_main:
             return None
         meta = {"config": self.cfg.to_dict(), "nimg": self.nimg, "step": self.step, "version": _version()}
+        if (ae := autoencoder_identity(self.dataset)) is not None:
+            meta["autoencoder"] = ae  # a resumed or loaded latent run must decode with the same autoencoder
         try:
             path = save_checkpoint(run_dir / "checkpoints", self.nimg, self.state_dict(), meta,
                                    self.cfg.run.keep_checkpoints)
@@ -481,6 +484,7 @@ def _train(cfg: Config, info: distributed.DistInfo, force: bool, stop_after: int
     distributed.barrier(info)
     found = latest_checkpoint(run_dir / "checkpoints")
     if found is not None:
+        check_autoencoder(found[2], trainer.dataset, found[0])
         trainer.load_state_dict(found[1])
         trainer.last_checkpoint = found[0]
     tc, rc = cfg.train, cfg.run

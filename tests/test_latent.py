@@ -309,3 +309,29 @@ def test_run_td_values_labels_and_trigflow_refused():
     scm = SimpleNamespace(name="sct")  # no sigma_min: TrigFlow time has no σ grid
     with pytest.raises(ConfigError, match="discrete-time VE"):
         run_td_values(fake_run(TrigFlow(), False, scm), n=30)
+
+
+def test_a_run_refuses_a_changed_autoencoder(ae_dir, digits, tmp_path):
+    # Checkpoints record the autoencoder's weights hash: after data.vae is retrained in place, loading
+    # (sample/eval) and resuming fail with a CheckpointError instead of decoding with the wrong decoder.
+    import shutil
+
+    from cmkit.checkpoint import CheckpointError
+    from cmkit.run import load
+    from cmkit.train import train
+
+    vae = tmp_path / "ae"
+    shutil.copytree(ae_dir, vae)
+    cfg = load_config(None, [
+        "method.name=ict", "net.name=mlp", "net.hidden=32", "net.depth=1", "data.name=digits", f"data.vae={vae}",
+        f"data.cache_dir={tmp_path / 'cache'}", "train.steps=2", "train.batch_size=16", f"run.dir={tmp_path / 'run'}",
+        "run.tensorboard=false", "run.progress=false", "run.sample_every=0", "run.sample_steps=[]"])
+    train(cfg)
+    load(tmp_path / "run")  # the same autoencoder: fine
+    other, info = train_autoencoder(digits.x, AE_CFG, steps=2, batch_size=16, lr=3e-3, seed=1)
+    shutil.rmtree(vae)
+    save_autoencoder(other, vae, info)
+    with pytest.raises(CheckpointError, match="another autoencoder"):
+        load(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="another autoencoder"):
+        train(cfg)  # resume

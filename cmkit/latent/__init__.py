@@ -141,4 +141,23 @@ def load_autoencoder(path: str | Path) -> Autoencoder:
 
 from cmkit.latent.dataset import LatentDataset, encode_dataset  # noqa: E402
 
-__all__ = ["Autoencoder", "LatentDataset", "encode_dataset", "load_autoencoder", "weights_hash"]
+
+def autoencoder_identity(dataset) -> str | None:
+    """The weights hash of a latent dataset's autoencoder (None for pixel data): recorded in checkpoints."""
+    ae = getattr(dataset, "autoencoder", None)
+    return ae.identity() if ae is not None else None
+
+
+def check_autoencoder(meta: dict, dataset, checkpoint) -> None:
+    """Refuse a checkpoint whose latents came from another autoencoder than the one data.vae holds now."""
+    from cmkit.checkpoint import CheckpointError
+
+    saved, now = meta.get("autoencoder"), autoencoder_identity(dataset)
+    if saved is not None and now is not None and saved != now:
+        raise CheckpointError(
+            f"checkpoint '{checkpoint}' was trained on latents of another autoencoder (weights sha256 "
+            f"{saved[:12]}…) than the one in data.vae now ({now[:12]}…): its samples would be decoded wrongly. "
+            f"Point data.vae at the autoencoder the run was trained with, or start a new run directory")
+
+__all__ = ["Autoencoder", "LatentDataset", "autoencoder_identity", "check_autoencoder", "encode_dataset",
+           "load_autoencoder", "weights_hash"]
