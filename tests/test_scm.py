@@ -833,3 +833,31 @@ def test_positional_embedding_hand_values():
         expected = [math.cos(cv * w) for w in omegas] + [math.sin(cv * w) for w in omegas]
         assert row.tolist() == pytest.approx(expected, abs=1e-6)
     assert out[1, 1].item() == pytest.approx(math.cos(0.0928318), abs=1e-6)  # cos(2·0.0464159)
+
+
+def test_scd_run_loads_and_resumes_without_its_teacher_run(tmp_path):
+    # Like CD (tests/test_cd.py): the sCD checkpoint carries the TrigFlow teacher's weights and run config.
+    import shutil
+
+    from cmkit.checkpoint import latest_checkpoint
+    from cmkit.run import load
+    from cmkit.train import train
+
+    base = [*TINY, "data.name=eight_gaussians", "run.progress=false", "run.tensorboard=false", "run.sample_steps=[]",
+            "train.threads=1", "train.batch_size=16"]
+    teacher_dir = train(load_config(None, [*base, "method.name=trigflow", "train.steps=2",
+                                           f"run.dir={tmp_path / 'teacher'}"]))
+    want = load(teacher_dir).model(ema=True).state_dict()
+    scd = [*base, "method.name=scd", f"method.teacher={teacher_dir}", "method.tangent_warmup=0",
+           f"run.dir={tmp_path / 'scd'}"]
+    train(load_config(None, [*scd, "train.steps=2"]))
+    before = load(tmp_path / "scd").sample(5, steps=2)
+    shutil.move(str(teacher_dir), str(tmp_path / "moved"))
+    with pytest.warns(UserWarning, match="saved in this run's checkpoint"):
+        run = load(tmp_path / "scd")
+    got = run.objective.teacher.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert torch.equal(run.sample(5, steps=2), before)
+    with pytest.warns(UserWarning, match="saved in this run's checkpoint"):
+        train(load_config(None, [*scd, "train.steps=3"]))
+    assert latest_checkpoint(tmp_path / "scd" / "checkpoints")[1]["progress"]["step"] == 3

@@ -193,6 +193,26 @@ def teacher_from_checkpoint(cfg, spec: str, shape: tuple[int, ...]) -> nn.Module
     return teacher.eval().requires_grad_(False)
 
 
+def teacher_or_saved(cfg, process, shape: tuple[int, ...], kind: str = "diffusion") -> nn.Module:
+    """method.teacher; if it cannot be loaded (moved, deleted) the copy in this run's own checkpoint."""
+    spec = cfg.method.teacher
+    try:
+        return load_teacher(spec, process, tuple(shape), cfg.data, kind)
+    except (CheckpointError, ConfigError) as e:
+        saved = teacher_from_checkpoint(cfg, spec, tuple(shape)) if spec != "analytic" else None
+        if saved is None:
+            raise
+        warnings.warn(f"method.teacher='{spec}' could not be loaded ({e}); using the teacher saved in "
+                      f"this run's checkpoint")
+        return saved
+
+
+def teacher_extra_state(teacher: nn.Module) -> dict:
+    """What a distillation checkpoint records of its teacher's run, so teacher_from_checkpoint can rebuild it."""
+    source = getattr(teacher, "source", None)
+    return {"teacher": source} if source is not None else {}
+
+
 def init_from_teacher(student: Parameterized, teacher: nn.Module) -> None:
     """Copy the teacher's backbone weights into the student's (Song et al. 2023 initialise CD so; sCM
     Sec. 4.2 sCD). A student's guidance embedding (net.guidance_cond), which a teacher has not, keeps
@@ -240,21 +260,10 @@ class ConsistencyDistillation(Objective):
         self._grids: dict = {}
 
     def _teacher(self, cfg, shape: tuple[int, ...]) -> nn.Module:
-        """method.teacher; if it cannot be loaded (moved, deleted) the copy in this run's own checkpoint."""
-        spec = cfg.method.teacher
-        try:
-            return load_teacher(spec, self.process, shape, cfg.data)
-        except (CheckpointError, ConfigError) as e:
-            saved = teacher_from_checkpoint(cfg, spec, shape) if spec != "analytic" else None
-            if saved is None:
-                raise
-            warnings.warn(f"method.teacher='{spec}' could not be loaded ({e}); using the teacher saved in "
-                          f"this run's checkpoint")
-            return saved
+        return teacher_or_saved(cfg, self.process, shape)
 
     def extra_state(self) -> dict:
-        source = getattr(self.teacher, "source", None)
-        return {"teacher": source} if source is not None else {}
+        return teacher_extra_state(self.teacher)
 
     def train(self, mode: bool = True):
         """The teacher stays in eval mode (no dropout) whatever the objective's mode."""

@@ -24,7 +24,7 @@ from cmkit.model import Parameterized
 from cmkit.nets import build_network
 from cmkit.nets.layers import PositionalEmbedding
 from cmkit.objectives.base import Objective, Phase, SharedDropout
-from cmkit.objectives.distillation import init_from_teacher, load_teacher
+from cmkit.objectives.distillation import init_from_teacher, teacher_extra_state, teacher_or_saved
 from cmkit.processes import TIME_TRANSFORMS, TrigFlow, _bcast
 from cmkit.schedules import Progress, tangent_warmup, trigflow_lognormal_times
 
@@ -151,7 +151,7 @@ class ContinuousConsistency(Objective):
             raise ConfigError("method.guidance/method.guidance_range need a student that takes the guidance scale "
                               "as an input: set net.guidance_cond=true (sCM Sec. 5.2)")
         if m.teacher:  # the loader CD uses; the teacher's output is its velocity σ_d F_teacher (Eq. 3)
-            self.set_teacher(load_teacher(m.teacher, self.process, tuple(shape), cfg.data))
+            self.set_teacher(teacher_or_saved(cfg, self.process, tuple(shape)))
             if m.init_from_teacher:  # diffusion fine-tuning (Sec. 4.2): same backbone, its weights
                 init_from_teacher(self.model, self.teacher)
 
@@ -182,6 +182,9 @@ class ContinuousConsistency(Objective):
         if self.teacher is not None:
             self.teacher.eval()
         return self
+
+    def extra_state(self) -> dict:
+        return teacher_extra_state(self.teacher) if self.teacher is not None else {}
 
     @property
     def phases(self) -> list[Phase]:
