@@ -26,4 +26,23 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 256, seed
     return (pa - pb).abs().mean().item()
 
 
+def flat_items(tree: dict, prefix: str = ""):
+    """(path, leaf) pairs of a nested checkpoint-state dict."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from flat_items(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def assert_states_equal(a: dict, b: dict, parts=("objective", "optimizers", "ema")) -> None:
+    """Two checkpoint states hold bit-identical tensors and equal scalars in each of ``parts``."""
+    for part in parts:
+        fa, fb = dict(flat_items(a[part])), dict(flat_items(b[part]))
+        assert fa.keys() == fb.keys(), part
+        for k in fa:
+            same = torch.equal(fa[k], fb[k]) if torch.is_tensor(fa[k]) else fa[k] == fb[k]
+            assert same, f"{part}/{k}"
+
+
 sys.modules.setdefault("cmkit_testutils", sys.modules[__name__])

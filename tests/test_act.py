@@ -14,7 +14,7 @@ from cmkit.objectives import build_objective
 from cmkit.objectives.gan import GAN_LOSSES, gradient_penalty
 from cmkit.schedules import Progress, act_adversarial_weight
 from cmkit.train import train
-from cmkit_testutils import sliced_wasserstein
+from cmkit_testutils import assert_states_equal, sliced_wasserstein
 
 MLP = ["net.name=mlp", "net.hidden=32", "net.depth=2"]
 TINY_UNET = ["net.name=unet", "net.channels=8", "net.channel_mult=[1,2]", "net.num_blocks=1",
@@ -307,14 +307,6 @@ def test_augment_requires_images():
 # Loop integration.
 
 
-def _flat(d, prefix=""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flat(v, f"{prefix}{k}/")
-        else:
-            yield f"{prefix}{k}", v
-
-
 RUN = ["data.name=eight_gaussians", "data.n=512", *MLP, "method.name=act", "method.gp_interval=1",
        "method.aug_interval=2", "train.batch_size=32", "train.steps=6", "run.progress=false",
        "run.tensorboard=false", "run.sample_n=4", "run.sample_steps=[1]", "train.ema=[0.9]"]
@@ -337,12 +329,7 @@ def test_resume_restores_the_discriminator_side_exactly(tmp_path):
     assert "discriminator" in a["optimizers"]
     assert a["extra"]["gp_ema"] != 0.55  # the penalty EMA moved (updated at k = 0, 2, 4)
     assert a["extra"] == b["extra"] and a["progress"] == b["progress"]
-    for part in ("objective", "optimizers", "ema"):
-        fa, fb = dict(_flat(a[part])), dict(_flat(b[part]))
-        assert fa.keys() == fb.keys()
-        for k in fa:
-            same = torch.equal(fa[k], fb[k]) if torch.is_tensor(fa[k]) else fa[k] == fb[k]
-            assert same, k
+    assert_states_equal(a, b)
 
 
 def test_resume_restores_p_aug_exactly(tmp_path):
@@ -361,12 +348,7 @@ def test_resume_restores_p_aug_exactly(tmp_path):
     (_, a, _), (_, b, _) = latest_checkpoint(tmp_path / "a" / "checkpoints"), latest_checkpoint(tmp_path / "b" / "checkpoints")
     assert a["extra"]["p_aug"] == pytest.approx(0.30, abs=1e-12)
     assert a["extra"] == b["extra"]
-    for part in ("objective", "optimizers", "ema"):
-        fa, fb = dict(_flat(a[part])), dict(_flat(b[part]))
-        assert fa.keys() == fb.keys()
-        for k in fa:
-            same = torch.equal(fa[k], fb[k]) if torch.is_tensor(fa[k]) else fa[k] == fb[k]
-            assert same, k
+    assert_states_equal(a, b)
 
 
 @pytest.mark.slow

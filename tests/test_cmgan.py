@@ -15,6 +15,7 @@ from cmkit.objectives.cmgan import mean_pairwise_distance
 from cmkit.objectives.gan import GAN_LOSSES
 from cmkit.schedules import Progress, blur_sigma
 from cmkit.train import train
+from cmkit_testutils import assert_states_equal
 
 MLP = ["net.name=mlp", "net.hidden=32", "net.depth=2"]
 QUIET = ["run.progress=false", "run.tensorboard=false", "run.sample_n=4", "run.sample_steps=[1]", "train.ema=[0.9]"]
@@ -33,14 +34,6 @@ def _grads(module, loss_fn, batch, progress, seed=1):
     out = loss_fn(batch, progress)
     out["loss"].mean().backward()
     return [p.grad.clone() for p in module.parameters()], out
-
-
-def _flat(d, prefix=""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flat(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
 
 
 # ----------------------------------------------------------------------------
@@ -331,12 +324,7 @@ def test_resume_restores_both_sides_exactly(tmp_path):
     (_, a, _), (_, b, _) = latest_checkpoint(tmp_path / "a" / "checkpoints"), latest_checkpoint(tmp_path / "b" / "checkpoints")
     assert any(k.startswith("discriminator.") for k in a["objective"]) and "discriminator" in a["optimizers"]
     assert "diversity" in a["extra"] and a["extra"] == b["extra"] and a["progress"] == b["progress"]
-    for part in ("objective", "optimizers", "ema"):
-        fa, fb = dict(_flat(a[part])), dict(_flat(b[part]))
-        assert fa.keys() == fb.keys()
-        for k in fa:
-            same = torch.equal(fa[k], fb[k]) if torch.is_tensor(fa[k]) else fa[k] == fb[k]
-            assert same, k
+    assert_states_equal(a, b)
 
 
 # ----------------------------------------------------------------------------
