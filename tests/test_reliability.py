@@ -392,6 +392,46 @@ def test_array_loader_fails_only_with_data_error(tmp_path, shape, dtype, poison)
         pass
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(keys=st.lists(st.sampled_from(["x", "y", "images", "labels", "arr_0"]), max_size=3, unique=True),
+       n=st.integers(0, 5), ydtype=st.sampled_from(["int64", "float32", "U1"]), ylen=st.integers(0, 6),
+       labels=st.booleans())
+def test_npz_loader_fails_only_with_data_error(tmp_path, keys, n, ydtype, ylen, labels):
+    arrays = {k: (np.ones((n, 2), np.float32) if k not in ("y", "labels") else np.zeros(ylen, ydtype)) for k in keys}
+    np.savez(tmp_path / "a.npz", **arrays)
+    c = load_config(None, ["data.name=array", f"data.path={tmp_path / 'a.npz'}", "data.split=all",
+                           f"data.labels={str(labels).lower()}"]).data
+    try:
+        ds = load_dataset(c)
+        assert torch.isfinite(ds.x).all() and len(ds.x) > 0
+    except DataError:
+        pass
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.lists(st.tuples(st.sampled_from(["png", "txt", "jpg"]), st.integers(1, 9), st.integers(1, 9),
+                                st.sampled_from(["L", "RGB", "RGBA", "garbage"])), max_size=4),
+       resolution=st.sampled_from([0, 4]))
+def test_folder_loader_fails_only_with_data_error(tmp_path_factory, files, resolution):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imgs")
+    for i, (ext, w, h, mode) in enumerate(files):
+        path = root / f"{i}.{ext}"
+        if mode == "garbage" or ext == "txt":
+            path.write_bytes(b"not an image")
+        else:
+            Image.new(mode, (w, h), color=0).save(path, format="PNG" if ext == "png" else "JPEG") \
+                if not (mode == "RGBA" and ext == "jpg") else path.write_bytes(b"\x89PNG broken")
+    c = load_config(None, ["data.name=folder", f"data.path={root}", "data.split=all",
+                           f"data.resolution={resolution}"]).data
+    try:
+        ds = load_dataset(c)
+        assert torch.isfinite(ds.x).all() and ds.x.ndim == 4
+    except DataError:
+        pass
+
+
 # ----------------------------------------------------------------------------
 # Processes killed with SIGKILL (also in the middle of a save) and stopped with SIGTERM.
 
