@@ -221,11 +221,12 @@ class AdversarialConsistencyTraining(Objective):
             return
         # L_gp of this iteration: the mean over every micro-batch of every rank (one all-reduce; the same
         # number as one process accumulating them), so p_aug and L̄_gp agree on all ranks and with 1 process.
+        if not lazy_due(progress.k, self.cfg.aug_interval):
+            self._gp_count = 0  # the EMA only takes penalties of update iterations: no all-reduce, no host sync
+            return
         count = torch.tensor(float(self._gp_count), dtype=torch.float64, device=self._gp_sum.device)
         total, count = mean_across_ranks(torch.stack([self._gp_sum, count])).tolist()
         gp, self._gp_count = total / count, 0
-        if not lazy_due(progress.k, self.cfg.aug_interval):
-            return
         # Alg. 2 lines 17-19: p_aug from the EMA before this update, then the EMA itself.
         if self.augment is not None:
             self.p_aug = update_aug_probability(self.p_aug, self.gp_ema, self.cfg.aug_target, self.cfg.aug_rate)
