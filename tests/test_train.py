@@ -414,3 +414,25 @@ def test_loop_options_tensorboard_warmup_clip_adam(tmp_path):
     stepped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in t.objective.model.parameters()
                                                     if p.grad is not None]))
     assert logs["grad_norm"] > 0.01 and float(stepped) == pytest.approx(0.01, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_train_compile_matches_eager(tmp_path):
+    # train.compile=true compiles the backbone in place (inductor; ~40 s here): same checkpoint keys, and
+    # after a few steps the same weights as the eager run to float32 rounding.
+    from cmkit.checkpoint import latest_checkpoint
+
+    base = ["net.hidden=32", "net.depth=2", "train.steps=3", "train.batch_size=32", "run.progress=false",
+            "run.tensorboard=false", "run.sample_steps=[]", "train.threads=1"]
+    from torch._dynamo.utils import counters
+
+    states = {}
+    for flag in ("false", "true"):
+        counters.clear()
+        train(load_config("configs/ict_toy.yaml", [*base, f"train.compile={flag}", f"run.dir={tmp_path / flag}"]))
+        states[flag] = latest_checkpoint(tmp_path / flag / "checkpoints")[1]["objective"]
+        assert (counters["stats"]["unique_graphs"] > 0) == (flag == "true")  # dynamo traced only the compiled run
+    assert states["true"].keys() == states["false"].keys()
+    for k, v in states["false"].items():
+        torch.testing.assert_close(states["true"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert any(k.startswith("model.net.") for k in states["true"])
