@@ -18,27 +18,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from cmkit import distributed
-from cmkit.checkpoint import CheckpointError, keep_milestone, latest_checkpoint, remove_temporaries, save_checkpoint
+from cmkit.checkpoint import CheckpointError, keep_milestone, latest_checkpoint, save_checkpoint
 from cmkit.config import Config, ConfigError
 from cmkit.data import load_dataset, batches
 from cmkit.latent import autoencoder_identity, check_autoencoder
 from cmkit.ema import EMA
 from cmkit.images import save_samples
 from cmkit.objectives import build_objective
+from cmkit.rundir import prepare_run_dir
 from cmkit.runlog import RunLog
 from cmkit.sampling import sample_batched
 from cmkit.schedules import Progress, lr_warmup
-
-# Keys that may differ between a run directory's config and a resumed run's config.
-RESUMABLE_SECTIONS = ("run", "eval")
-RESUMABLE_KEYS = {("train", "steps"), ("train", "device"), ("train", "threads"), ("data", "cache_dir"),
-                  ("data", "workers"),
-                  ("train", "precision"), ("train", "compile"), ("train", "accumulate"), ("train", "grad_clip"),
-                  ("train", "max_bad_steps"), ("train", "spike_factor")}
-
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
@@ -56,25 +48,6 @@ def make_optimizer(params, tcfg) -> torch.optim.Optimizer:
     # foreach: one fused call per op instead of a Python loop over tensors (CPU defaults to the loop).
     return opts[tcfg.optimizer](params, lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay,
                                 foreach=True)
-
-
-def config_differences(a: dict, b: dict) -> list[str]:
-    """Keys whose values differ between two config dicts, ignoring those a resume may change.
-
-    Resolved configs hold every key, so a key on one side only was added to cmkit after the other
-    was written; new options default to the old behaviour, so such a key is not a difference.
-    """
-    diffs = []
-    for section in sorted(set(a) | set(b)):
-        if section in RESUMABLE_SECTIONS:
-            continue
-        sa, sb = a.get(section) or {}, b.get(section) or {}
-        for key in sorted(set(sa) | set(sb)):
-            if key not in sa or key not in sb:
-                continue
-            if (section, key) not in RESUMABLE_KEYS and sa[key] != sb[key]:
-                diffs.append(f"{section}.{key}: {sa.get(key)!r} -> {sb.get(key)!r}")
-    return diffs
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -384,77 +357,6 @@ def _version() -> str:
     from cmkit import __version__
 
     return __version__
-
-
-REPLACED_PREFIX = ".replaced-"  # --force moves an old run's files into RUN/.replaced-<time>/
-RUN_MARKERS = ("config.yaml", "checkpoints", "log.jsonl")  # a directory holding any of these holds a run
-
-
-def _force_hint(run_dir: Path) -> str:
-    return f"pass --force to start over there (the old files are moved to {run_dir / (REPLACED_PREFIX + '<time>')})"
-
-
-def _refuse(run_dir: Path, what: str, diffs: list[str]) -> None:
-    if diffs:
-        raise ConfigError(f"run directory '{run_dir}' holds a different run ({what}); differing keys: "
-                          + "; ".join(diffs) + ". Choose another run.dir, resume with the same config, or "
-                          + _force_hint(run_dir) + ".")
-
-
-def check_same_run(run_dir: Path, cfg: Config) -> None:
-    """Refuse a run directory whose checkpoint or config.yaml holds a config that differs from cfg."""
-    new = yaml.safe_load(cfg.to_yaml())  # the form config.yaml holds
-    if (run_dir / "checkpoints").is_dir():
-        try:
-            old = latest_checkpoint(run_dir / "checkpoints")
-        except CheckpointError as e:
-            raise CheckpointError(f"{e}. Restore a checkpoint there, choose another run.dir, or "
-                                  + _force_hint(run_dir)) from None
-        if old is not None:
-            _refuse(run_dir, f"checkpoint {old[0].name}", config_differences(old[2].get("config", {}), new))
-    path = run_dir / "config.yaml"
-    if path.is_file():  # e.g. a run killed before its first checkpoint
-        try:
-            saved = yaml.safe_load(path.read_text())
-        except yaml.YAMLError:
-            saved = None
-        if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
-            raise ConfigError(f"run directory '{run_dir}' holds a config.yaml that is not a cmkit config. Choose "
-                              f"another run.dir, or " + _force_hint(run_dir) + ".")
-        _refuse(run_dir, "its config.yaml", config_differences(saved, new))
-
-
-def move_old_run(run_dir: Path) -> Path | None:
-    """--force: move everything a previous run left in run_dir into run_dir/.replaced-<time>/; nothing is deleted."""
-    if not any((run_dir / m).exists() for m in RUN_MARKERS):
-        return None
-    old = [p for p in run_dir.iterdir() if not p.name.startswith(REPLACED_PREFIX)]
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    dest, n = run_dir / f"{REPLACED_PREFIX}{stamp}", 1
-    while dest.exists():
-        dest, n = run_dir / f"{REPLACED_PREFIX}{stamp}-{n}", n + 1
-    dest.mkdir()
-    for p in old:
-        p.rename(dest / p.name)
-    return dest
-
-
-def prepare_run_dir(run_dir: Path, cfg: Config, force: bool) -> None:
-    """Refuse a run directory holding a different run, unless force (then move the old run aside); write config.yaml.
-
-    Called only once the config, data and networks are known to be valid, so a bad command
-    never touches an existing run's files.
-    """
-    if force:
-        moved = move_old_run(run_dir)  # without reading its checkpoints: they may all be corrupt
-        if moved is not None:
-            print(f"cmkit: --force: moved the previous run's files to {moved}", file=sys.stderr)
-    else:
-        check_same_run(run_dir, cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for p in remove_temporaries(run_dir / "checkpoints"):
-        print(f"cmkit: removed {p.name}, left by a process killed during a save", file=sys.stderr)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
 
 def train(cfg: Config, *, force: bool = False, stop_after: int | None = None) -> Path:

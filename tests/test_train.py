@@ -63,7 +63,7 @@ def test_different_run_in_directory_is_refused(tmp_path):
 
 
 def test_config_differences_ignore_keys_added_since():
-    from cmkit.train import config_differences
+    from cmkit.rundir import config_differences
 
     new = {"train": {"lr": 1e-3, "steps": 9}, "net": {"hidden": 32, "guidance_cond": False}, "data": {"workers": 0}}
     old = {"train": {"lr": 1e-3, "steps": 5}, "net": {"hidden": 32}, "data": {"workers": 4}}  # an older cmkit's config
