@@ -337,20 +337,17 @@ class Trainer:
 
 
 def build_evaluator(trainer: Trainer):
-    """The Evaluator of eval.every_nimg, built once before step 1 (fails fast, e.g. on missing Inception weights)."""
-    from cmkit.evaluation import Evaluator, _check_steps
+    from cmkit.evaluation import training_evaluator
 
-    _check_steps(trainer.cfg.eval.steps)
-    return Evaluator(trainer.cfg)
+    return training_evaluator(trainer)
 
 
 def periodic_eval(trainer: Trainer, evaluator, log: RunLog) -> None:
     """Metrics during training (eval.every_nimg), logged to log.jsonl and TensorBoard; reuses one Evaluator."""
-    ec = trainer.cfg.eval
-    model = trainer.ema.modules[trainer.cfg.train.ema_sample]
-    results = evaluator.evaluate(lambda s, m, sd: trainer.samples(s, m, sd), model, ec.steps, ec.n)
-    log.write(trainer.step, trainer.nimg, {f"eval/{name}_{k}step": float(v) for k, row in results.items()
-                                           for name, v in row.items() if name != "nfe"})
+    from cmkit.evaluation import evaluate_during_training
+
+    metrics = evaluate_during_training(trainer, evaluator)
+    log.write(trainer.step, trainer.nimg, {f"eval/{k}": v for k, v in metrics.items()})
 
 
 def _version() -> str:

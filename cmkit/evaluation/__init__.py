@@ -25,7 +25,7 @@ from cmkit.evaluation.metrics import (
     feature_statistics, frechet_distance, knn_radii, median_distance, mmd, precision_recall, sliced_wasserstein,
 )
 
-__all__ = ["Evaluator", "evaluate_run", "evaluate_during_training", "format_table", "FEATURES"]
+__all__ = ["Evaluator", "evaluate_run", "evaluate_during_training", "training_evaluator", "format_table", "FEATURES"]
 
 SWD_PROJECTIONS = 256
 MAX_MMD_POINTS = 5000  # MMD is O(n²): larger sets use a seeded subset of this size
@@ -205,11 +205,15 @@ def json_safe(obj):
     return obj
 
 
-def evaluate_during_training(trainer, run_dir: str | Path) -> dict[str, float]:
+def training_evaluator(trainer) -> Evaluator:
+    """The Evaluator of eval.every_nimg, built once before step 1 (fails fast, e.g. on missing Inception weights)."""
+    _check_steps(trainer.cfg.eval.steps)
+    return Evaluator(trainer.cfg, autoencoder=getattr(trainer.dataset, "autoencoder", None))
+
+
+def evaluate_during_training(trainer, evaluator: Evaluator) -> dict[str, float]:
     """Metrics of the trainer's EMA model per eval.steps, flattened as {"fd_1step": ..., ...} for the log."""
     ec = trainer.cfg.eval
-    _check_steps(ec.steps)
-    evaluator = Evaluator(trainer.cfg, autoencoder=getattr(trainer.dataset, "autoencoder", None))
     model = trainer.ema.modules[trainer.cfg.train.ema_sample]
     results = evaluator.evaluate(lambda s, m, sd: trainer.samples(s, m, sd), model, ec.steps, ec.n)
     return {f"{name}_{k}step": float(v) for k, row in results.items() for name, v in row.items()
