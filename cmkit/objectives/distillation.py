@@ -244,7 +244,7 @@ class ConsistencyDistillation(Objective):
         self.cfg = m
         self.process = ve_process(m)
         self.model = Parameterized(build_network(cfg.net, shape, num_classes), self.process)
-        self.teacher = self._teacher(cfg, tuple(shape))
+        self.teacher = teacher_or_saved(cfg, self.process, tuple(shape))
         if self.teacher.class_cond != cfg.net.class_cond:
             raise ConfigError(
                 f"the teacher has net.class_cond={self.teacher.class_cond} but this run net.class_cond="
@@ -258,9 +258,6 @@ class ConsistencyDistillation(Objective):
         self.distance = DISTANCES[m.distance]
         self.weighting = WEIGHTINGS[m.weighting]
         self._grids: dict = {}
-
-    def _teacher(self, cfg, shape: tuple[int, ...]) -> nn.Module:
-        return teacher_or_saved(cfg, self.process, shape)
 
     def extra_state(self) -> dict:
         return teacher_extra_state(self.teacher)
