@@ -70,8 +70,10 @@ class TrainConfig:
     optimizer: str = "radam"  # radam | adam
     lr: float = 1e-4  # iCT App. B: RAdam, lr 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8  # Adam/RAdam ε (PyTorch's default; EDM2 uses 1e-8 too, training_loop.py)
     weight_decay: float = 0.0
     warmup_nimg: int = 0  # linear learning-rate warm-up over this many images
+    lr_ref_nimg: int = 0  # EDM2 inverse-sqrt decay: lr / √max(nimg / lr_ref_nimg, 1) (Karras et al. 2024); 0 = constant
     grad_clip: float = 0.0  # clip the global gradient norm; 0 = off
     ema: list[float] = field(default_factory=lambda: [0.9999])  # student EMA decay rates
     ema_sample: int = 0  # which EMA rate (index) sampling and evaluation use
@@ -89,6 +91,8 @@ class TrainConfig:
             raise ValueError("train.steps must be >= 0, train.batch_size and train.accumulate >= 1")
         if not self.lr > 0 or self.grad_clip < 0 or self.warmup_nimg < 0 or self.weight_decay < 0:
             raise ValueError("train.lr must be > 0; train.grad_clip, train.warmup_nimg, train.weight_decay >= 0")
+        if not self.eps > 0 or self.lr_ref_nimg < 0:
+            raise ValueError("train.eps must be > 0 and train.lr_ref_nimg >= 0 (0 = no inverse-sqrt decay)")
         if self.max_bad_steps < 0 or self.spike_factor < 0:
             raise ValueError("train.max_bad_steps and train.spike_factor must be >= 0")
 

@@ -149,6 +149,13 @@ def lr_warmup(nimg: int, warmup_nimg: int) -> float:
     return min(nimg / warmup_nimg, 1.0)
 
 
+def lr_inv_sqrt(nimg: int, ref_nimg: int) -> float:
+    """EDM2's decay (Karras et al. 2024, ``training_loop.learning_rate_schedule``): 1/√max(t/t_ref, 1); 0 = off."""
+    if ref_nimg <= 0:
+        return 1.0
+    return 1.0 / math.sqrt(max(nimg / ref_nimg, 1.0))
+
+
 # ----------------------------------------------------------------------------
 # Adversarial weights and blur (ACT, CM-GAN).
 

@@ -30,7 +30,8 @@ from cmkit.objectives import build_objective
 from cmkit.rundir import prepare_run_dir
 from cmkit.runlog import RunLog
 from cmkit.sampling import sample_batched
-from cmkit.schedules import Progress, lr_warmup
+from cmkit.optim import lr_multiplier, make_optimizer, phase_settings
+from cmkit.schedules import Progress
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
@@ -38,16 +39,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name} but no CUDA GPU is visible. Use train.device=cpu or auto.")
     return torch.device(name)
-
-
-def make_optimizer(params, tcfg) -> torch.optim.Optimizer:
-    """RAdam (iCT App. B) or Adam over params."""
-    opts = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}
-    if tcfg.optimizer not in opts:
-        raise ConfigError(f"train.optimizer='{tcfg.optimizer}' is not valid. Choose one of: {', '.join(opts)}")
-    # foreach: one fused call per op instead of a Python loop over tensors (CPU defaults to the loop).
-    return opts[tcfg.optimizer](params, lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay,
-                                foreach=True)
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -116,7 +107,11 @@ class Trainer:
         self.ema = EMA(self.objective.model, tc.ema)
         self.phases = self.objective.phases
         self.main_phase = main_phase(self.phases)
-        self.optimizers = {p.name: make_optimizer(p.module.parameters(), tc) for p in self.phases}
+        try:
+            self.settings = {p.name: phase_settings(tc, p.optim) for p in self.phases}
+        except ValueError as e:
+            raise ConfigError(f"method.name={cfg.method.name}: {e}") from None
+        self.optimizers = {p.name: make_optimizer(p.module.parameters(), self.settings[p.name]) for p in self.phases}
         self.runners = {p.name: distributed.wrap_phase(p.module, p.loss, info, device) for p in self.phases}
         self.scalers = {p.name: torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16") for p in self.phases}
         self.nimg = self.step = self.data_pos = 0
@@ -241,16 +236,18 @@ class Trainer:
         """
         tc = self.cfg.train
         progress = Progress(self.nimg, tc.steps * tc.batch_size, tc.batch_size)
-        lr = tc.lr * lr_warmup(self.nimg, tc.warmup_nimg)
-        logs: dict = {"lr": lr}
+        lr_scale = lr_multiplier(self.nimg, tc)
+        logs: dict = {}
         step_ok = True
         for phase in self.phases:
             if not step_ok:
                 break  # a skipped phase skips the rest of the step (e.g. no discriminator step after a bad generator)
             opt, scaler = self.optimizers[phase.name], self.scalers[phase.name]
             prefix = "" if phase.name == self.main_phase else f"{phase.name}/"
+            lr = self.settings[phase.name].lr * lr_scale  # each phase's own base lr (cmkit.optim), one schedule
             for group in opt.param_groups:
                 group["lr"] = lr
+            logs[prefix + "lr"] = lr
             for _ in range(phase.repeats):
                 opt.zero_grad(set_to_none=True)
                 loss, out = self.run_phase_once(phase, streams, progress)

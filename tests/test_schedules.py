@@ -122,3 +122,27 @@ def test_progress_and_warmup():
     p = Progress(nimg=1280, total_nimg=12800, batch_size=128)
     assert (p.k, p.K, p.fraction) == (10, 100, 0.1)
     assert lr_warmup(50, 100) == 0.5 and lr_warmup(500, 100) == 1.0 and lr_warmup(0, 0) == 1.0
+
+
+def test_lr_inv_sqrt_hand_values():
+    from cmkit.schedules import lr_inv_sqrt
+
+    # EDM2: lr = ref / sqrt(max(t / t_ref, 1)); flat before t_ref, 1/2 at 4 t_ref, 1/3 at 9 t_ref.
+    assert lr_inv_sqrt(0, 100) == 1.0 and lr_inv_sqrt(100, 100) == 1.0
+    assert lr_inv_sqrt(400, 100) == 0.5 and abs(lr_inv_sqrt(900, 100) - 1 / 3) < 1e-15
+    assert lr_inv_sqrt(10**9, 0) == 1.0
+
+
+def test_phase_settings_override_train_defaults_and_reach_the_optimiser():
+    import torch
+
+    from cmkit.config import TrainConfig
+    from cmkit.optim import make_optimizer, phase_settings
+
+    tc = TrainConfig(lr=3e-4, betas=[0.9, 0.99], eps=1e-6)
+    s = phase_settings(tc, {"lr": 2e-3, "betas": [0.0, 0.99], "optimizer": "adam"})
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(2))], s)
+    group = opt.param_groups[0]
+    assert isinstance(opt, torch.optim.Adam) and group["lr"] == 2e-3 and group["betas"] == (0.0, 0.99)
+    assert group["eps"] == 1e-6  # not overridden: the train section's value
+    assert phase_settings(tc).lr == 3e-4

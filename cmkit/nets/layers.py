@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cmkit.nets.attention import attention
+
 
 def zero_init(module: nn.Module) -> nn.Module:
     """Set every parameter of module to zero and return it (ADM's ``zero_module``)."""
@@ -190,11 +192,9 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         d = C // self.num_heads
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, d, H * W).unbind(1)
-        # Hand-written softmax attention: F.scaled_dot_product_attention has no CPU forward AD.
-        w = torch.einsum("bhdq,bhdk->bhqk", q, k / math.sqrt(d)).softmax(dim=-1)
-        h = torch.einsum("bhqk,bhdk->bhdq", w, v).reshape(B, C, H, W)
-        return x + self.proj(h)
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, d, H * W).transpose(-1, -2).unbind(1)
+        h = attention(q, k, v)  # (B, heads, HW, d); the kernel is chosen in cmkit.nets.attention (JVP-safe)
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
 def pixel_norm(x: Tensor, eps: float = 1e-8) -> Tensor:

@@ -32,6 +32,7 @@ class Phase:
     module: nn.Module
     loss: LossFn
     repeats: int = 1
+    optim: dict = field(default_factory=dict)  # overrides of the train section's optimiser (cmkit.optim.OptimSettings)
 
 
 @dataclass
