@@ -87,9 +87,11 @@ class FIRDownConv(nn.Module):
 # Blocks.
 
 
-def score_sde_groups(channels: int, num_groups: int) -> int:
-    """Score SDE's GroupNorm uses min(C // 4, 32) groups; net.num_groups takes the place of 32."""
-    return max(1, min(channels // 4, num_groups))
+def score_sde_norm(kind: str, channels: int, num_groups: int) -> nn.Module:
+    """NORMS[kind] as Score SDE builds its GroupNorm: min(C // 4, 32) groups (net.num_groups in place of 32), ε = 1e-6."""
+    norm = make_norm(kind, channels, max(1, min(channels // 4, num_groups)))
+    norm.eps = 1e-6
+    return norm
 
 
 class BigGANBlock(nn.Module):
@@ -104,11 +106,11 @@ class BigGANBlock(nn.Module):
             raise ValueError(f"unknown net.modulation '{modulation}'. Valid: {', '.join(MODULATIONS)}")
         self.resample, self.modulation = resample, modulation
         self.fir = FIR(fir_kernel) if resample else None
-        self.norm1 = make_norm(norm, in_ch, score_sde_groups(in_ch, num_groups))
+        self.norm1 = score_sde_norm(norm, in_ch, num_groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         # Score SDE: Dense_0(act(temb)) is added to the features (= modulation 'add'); film / double_norm take 2C.
         self.emb = nn.Linear(emb_dim, (1 if modulation == "add" else 2) * out_ch)
-        self.norm2 = make_norm(norm, out_ch, score_sde_groups(out_ch, num_groups))
+        self.norm2 = score_sde_norm(norm, out_ch, num_groups)
         self.dropout = nn.Dropout(dropout)  # global RNG: objectives replay masks by restoring its state
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))  # Score SDE init_scale=0.
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch or resample else None
@@ -189,10 +191,12 @@ class NCSNpp(nn.Module):
             return BigGANBlock(cin, cout, emb_dim, resample, drop, norm, num_groups, modulation, fir_kernel)
 
         def attn(c: int) -> AttnBlock:
-            return AttnBlock(c, num_heads, norm, score_sde_groups(c, num_groups))
+            block = AttnBlock(c, num_heads, norm, num_groups)
+            block.norm = score_sde_norm(norm, c, num_groups)
+            return block
 
         def head(c: int, out: int) -> nn.Sequential:  # GroupNorm, SiLU, zero-initialised 3x3 conv (init_scale=0.)
-            return nn.Sequential(make_norm(norm, c, score_sde_groups(c, num_groups)), nn.SiLU(),
+            return nn.Sequential(score_sde_norm(norm, c, num_groups), nn.SiLU(),
                                  zero_init(nn.Conv2d(c, out, 3, padding=1)))
 
         # Noise embedding: Gaussian Fourier projection with `channels` frequencies (2·channels features) or the
