@@ -44,20 +44,20 @@ class FIR(nn.Module):
         if len(taps) < 2 or sum(taps) <= 0:
             raise ValueError(f"net.fir_kernel must be a list of >= 2 taps with a positive sum, got {list(kernel)}")
         k = torch.tensor(taps)
-        # Symmetric kernels only need no flip; a general one is flipped so that this is upfirdn2d's convolution.
+        # Stored flipped: F.conv2d correlates, upfirdn2d convolves (no difference for symmetric kernels).
         self.register_buffer("kernel", torch.outer(k, k).flip(0, 1) / k.sum() ** 2, persistent=False)
 
     def _weight(self, x: Tensor, gain: float = 1.0) -> Tensor:
         return (gain * self.kernel).to(x.dtype).expand(x.shape[1], 1, *self.kernel.shape)
 
-    def blur(self, x: Tensor, pad: tuple[int, int]) -> Tensor:
-        """upfirdn2d(x, k, pad=pad): zero padding (before, after) on both axes, then the filter."""
-        return F.conv2d(F.pad(x, (pad[0], pad[1], pad[0], pad[1])), self._weight(x), groups=x.shape[1])
+    def blur(self, x: Tensor, pad: tuple[int, int], down: int = 1) -> Tensor:
+        """upfirdn2d(x, k, down=down, pad=pad): zero padding (before, after) on both axes, filter, every down-th pixel."""
+        return F.conv2d(F.pad(x, (pad[0], pad[1], pad[0], pad[1])), self._weight(x), stride=down, groups=x.shape[1])
 
     def down(self, x: Tensor) -> Tensor:
         """downsample_2d: filter, keep every second pixel; H -> H/2 (p = taps - 2)."""
         p = self.kernel.shape[-1] - 2
-        return self.blur(x, ((p + 1) // 2, p // 2))[:, :, ::2, ::2]
+        return self.blur(x, ((p + 1) // 2, p // 2), down=2)
 
     def up(self, x: Tensor) -> Tensor:
         """upsample_2d: zeros between pixels, filter with gain 4 (constant images stay constant); H -> 2H."""
