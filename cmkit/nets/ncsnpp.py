@@ -191,9 +191,9 @@ class NCSNpp(nn.Module):
             return BigGANBlock(cin, cout, emb_dim, resample, drop, norm, num_groups, modulation, fir_kernel)
 
         def attn(c: int) -> AttnBlock:
-            block = AttnBlock(c, num_heads, norm, num_groups)
-            block.norm = score_sde_norm(norm, c, num_groups)
-            return block
+            layer = AttnBlock(c, num_heads, norm, num_groups)
+            layer.norm = score_sde_norm(norm, c, num_groups)
+            return layer
 
         def head(c: int, out: int) -> nn.Sequential:  # GroupNorm, SiLU, zero-initialised 3x3 conv (init_scale=0.)
             return nn.Sequential(score_sde_norm(norm, c, num_groups), nn.SiLU(),
