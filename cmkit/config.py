@@ -61,6 +61,9 @@ class NetConfig:
     class_cond: bool = False  # condition on class labels (needs data.labels=true)
     guidance_cond: bool = False  # take the CFG scale w as an input (sCD with a guided teacher, sCM Sec. 5.2)
     modulation: str = "film"  # U-Net ResBlock conditioning: film (ADM AdaGN) | double_norm (sCM Sec. 4.1)
+    progressive: str = "none"  # NCSN++ output pyramid: none | output_skip (Score SDE model.progressive)
+    progressive_input: str = "residual"  # NCSN++ input pyramid: residual | none (Score SDE model.progressive_input)
+    fir_kernel: list[int] = field(default_factory=lambda: [1, 3, 3, 1])  # NCSN++ FIR resampling filter (Score SDE)
 
 
 @dataclass

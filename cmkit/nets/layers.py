@@ -207,6 +207,18 @@ def pixel_norm(x: Tensor, eps: float = 1e-8) -> Tensor:
 MODULATIONS = ("film", "double_norm", "add")
 
 
+def modulated_norm(norm: nn.Module, h: Tensor, e: Tensor, modulation: str) -> Tensor:
+    """norm(h) conditioned on the projected embedding e (B, C or 2C, 1, 1) as MODULATIONS[modulation] says."""
+    if modulation == "add":
+        # ADM use_scale_shift_norm=False and NCSN++ (Score SDE): h + Dense(emb), then the norm.
+        return norm(h + e)
+    scale, shift = e.chunk(2, dim=1)
+    if modulation == "double_norm":
+        # sCM Sec. 4.1 adaptive double normalisation: y = norm(x)⊙pnorm(s(t)) + pnorm(b(t)).
+        return norm(h) * pixel_norm(scale) + pixel_norm(shift)
+    return norm(h) * (1 + scale) + shift  # ADM AdaGN
+
+
 class ResBlock(nn.Module):
     """ADM residual block with noise conditioning (MODULATIONS; film: norm(h)·(1 + scale) + shift) and optional attention."""
 
@@ -238,20 +250,8 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        e = self.emb(F.silu(emb))[:, :, None, None]
-        if self.modulation == "add":
-            # ADM ResBlock with use_scale_shift_norm=False: h = out_layers(h + emb_out), out_layers = norm, SiLU, ...
-            h = self.conv2(self.dropout(F.silu(self.norm2(h + e))))
-            h = self.skip(x) + h
-            return self.attn(h) if self.attn is not None else h
-        scale, shift = e.chunk(2, dim=1)
-        if self.modulation == "double_norm":
-            # sCM Sec. 4.1 adaptive double normalisation: y = norm(x)⊙pnorm(s(t)) + pnorm(b(t)).
-            h = self.norm2(h) * pixel_norm(scale) + pixel_norm(shift)
-        else:
-            h = self.norm2(h) * (1 + scale) + shift
-        h = self.conv2(self.dropout(F.silu(h)))
-        h = self.skip(x) + h
+        h = modulated_norm(self.norm2, h, self.emb(F.silu(emb))[:, :, None, None], self.modulation)
+        h = self.skip(x) + self.conv2(self.dropout(F.silu(h)))
         return self.attn(h) if self.attn is not None else h
 
 
