@@ -61,6 +61,8 @@ class NetConfig:
     class_cond: bool = False  # condition on class labels (needs data.labels=true)
     guidance_cond: bool = False  # take the CFG scale w as an input (sCD with a guided teacher, sCM Sec. 5.2)
     modulation: str = "film"  # U-Net ResBlock conditioning: film (ADM AdaGN) | double_norm (sCM Sec. 4.1)
+    head_dim: int = 8  # diffusers_unet: UNet2DModel attention_head_dim (ACT Table 5: 8 CIFAR-10, 16 ImageNet 64)
+    diffusers_config: str = ""  # diffusers_unet: preset (act_cifar10 | act_imagenet64) or UNet2DModel config.json; "" = the net.* keys
 
 
 @dataclass
