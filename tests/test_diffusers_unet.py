@@ -151,6 +151,12 @@ def test_class_labels_change_the_output_and_are_required():
     assert net.unet.class_embedding.num_embeddings == 5
     with pytest.raises(ValueError, match="class_labels"):
         net(x, c)
+    # Float labels weight the table: one-hot equals the integer label, zeros are the null label (no class term).
+    torch.testing.assert_close(net(x, c, torch.nn.functional.one_hot(torch.tensor([3, 3]), 5).float()), b)
+    null = net(x, c, torch.zeros(2, 5))
+    assert not torch.allclose(null, a) and torch.isfinite(null).all()
+    with pytest.raises(ValueError, match="class_cond"):
+        build_network(tiny(), (3, 8, 8))(x, c, torch.tensor([0, 1]))
 
 
 def test_any_unet2dmodel_config_json_works(tmp_path):

@@ -162,6 +162,16 @@ def check_unet_config(config: dict, data_shape: Sequence[int], num_classes: int)
     return config
 
 
+class LabelEmbedding(nn.Embedding):
+    """nn.Embedding that also takes float (B, K) labels as weights over the table (one-hot, or zeros = the null
+    label of classifier-free guidance, cmkit's convention in nets.layers.NoiseEmbedding)."""
+
+    def forward(self, labels: Tensor) -> Tensor:
+        if labels.is_floating_point():
+            return labels.to(self.weight.dtype) @ self.weight
+        return super().forward(labels)
+
+
 class _Contiguous:
     """Forward pre-hook: make the primal input of GroupNorm contiguous (group_norm's JVP needs it, MACHINE-NOTES §1)."""
 
@@ -241,6 +251,12 @@ def make_jvp_safe(unet: nn.Module) -> nn.Module:
             module.set_processor(CmkitAttnProcessor())
     if type(unet.time_proj).__name__ == "Timesteps":
         unet.time_proj = WideTimesteps(unet.time_proj)
+    table = getattr(unet, "class_embedding", None)
+    if type(table) is nn.Embedding:  # same weight, same state_dict key; float labels work too
+        flexible = LabelEmbedding(table.num_embeddings, table.embedding_dim, device=table.weight.device,
+                                  dtype=table.weight.dtype)
+        flexible.weight = table.weight
+        unet.class_embedding = flexible
     return unet
 
 
@@ -275,10 +291,10 @@ class DiffusersUNet(nn.Module):
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None, guidance=None) -> Tensor:
         if guidance is not None:
             raise ValueError("net.name=diffusers_unet takes no guidance scale")
-        if self.num_classes == 0:
-            class_labels = None  # an unconditional network ignores labels, as cmkit's U-Net does
-        elif class_labels is None:
-            raise ValueError("this network is class-conditional: pass class_labels")
+        if self.num_classes == 0 and class_labels is not None:
+            raise ValueError("class_labels given to a network built without them; set net.class_cond=true")
+        if self.num_classes > 0 and class_labels is None:
+            raise ValueError("this network is class-conditional (net.class_cond=true): pass class_labels")
         c_noise = c_noise.reshape(-1).expand(x.shape[0]) if c_noise.numel() == 1 else c_noise.reshape(-1)
         return self.unet(x, c_noise, class_labels=class_labels).sample
 
