@@ -2,8 +2,9 @@
 
 Usage: python benchmarks/backbones.py [--nets unet diffusers_unet] [--batch 8] [--size 32] [--reps 3]
        [--preset small|act_cifar10] [--device cpu]. Prints a Markdown table.
-``small`` is the same layout for every network (channels 32, mult 1-2-2, one block per level, attention at
-16x16 with head dim 8, i.e. 4 heads at 32 channels); ``act_cifar10`` is ACT Table 5 (for a GPU).
+``small`` is the same layout for both U-Nets (channels 32, mult 1-2-2, one block per level, attention at
+16x16 with head dim 8, i.e. 4 heads at 32 channels) and a DiT of similar size (width 128, 4 blocks, 4 heads,
+patch 2: 256 tokens); ``act_cifar10`` is ACT Table 5 (for a GPU).
 JVP: torch.func.jvp of F(x, c_noise) in both inputs with no grad (sCM's tangent pass, Sec. 5.1).
 """
 
@@ -18,9 +19,9 @@ from cmkit.config import NetConfig
 from cmkit.nets import build_network
 
 SMALL = dict(channels=32, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[16], num_heads=4, head_dim=8,
-             num_groups=8, dropout=0.0)
+             num_groups=8, dropout=0.0, hidden=128, depth=4, patch_size=2)  # dit: width 128, 4 blocks, 4 heads
 ACT_CIFAR10 = dict(channels=128, channel_mult=[1, 1, 2, 2], num_blocks=2, attn_resolutions=[16], num_heads=16,
-                   head_dim=8, num_groups=32, dropout=0.0)
+                   head_dim=8, num_groups=32, dropout=0.0, dit="DiT-S/2")
 
 
 def timed(fn, reps: int, sync) -> float:
@@ -35,7 +36,7 @@ def timed(fn, reps: int, sync) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--nets", nargs="+", default=["unet", "diffusers_unet"])
+    ap.add_argument("--nets", nargs="+", default=["unet", "diffusers_unet", "dit"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)

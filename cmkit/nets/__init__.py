@@ -7,12 +7,13 @@ from typing import Sequence
 from torch import nn
 
 from cmkit.nets.diffusers_unet import DiffusersUNet
+from cmkit.nets.dit import DiT
 from cmkit.nets.discriminator import DISCRIMINATORS, build_discriminator
 from cmkit.nets.layers import EMBEDDINGS, NORMS
 from cmkit.nets.mlp import MLP
 from cmkit.nets.unet import UNet
 
-NETWORKS: dict[str, type] = {"unet": UNet, "mlp": MLP, "diffusers_unet": DiffusersUNet}
+NETWORKS: dict[str, type] = {"unet": UNet, "mlp": MLP, "diffusers_unet": DiffusersUNet, "dit": DiT}
 
 __all__ = ["DISCRIMINATORS", "build_discriminator", "EMBEDDINGS", "MLP", "NETWORKS", "NORMS", "UNet", "build_network"]
 
