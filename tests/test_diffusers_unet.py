@@ -174,8 +174,7 @@ def test_any_unet2dmodel_config_json_works(tmp_path):
 @pytest.mark.parametrize("cfg,shape,classes,match", [
     (tiny(diffusers_config="no_such_preset"), (3, 8, 8), 0, "neither a preset"),
     (tiny(attn_resolutions=[3]), (3, 8, 8), 0, "attn_resolutions"),
-    (tiny(head_dim=3), (3, 8, 8), 0, "head_dim"),
-    (tiny(num_groups=3), (3, 8, 8), 0, "num_groups"),
+    (tiny(head_dim=0), (3, 8, 8), 0, "head_dim"),
     (tiny(), (3, 9, 9), 0, "divisible"),
     (tiny(), (8,), 0, "image data"),
     (tiny(guidance_cond=True), (3, 8, 8), 0, "guidance"),
@@ -185,12 +184,23 @@ def test_bad_configs_raise_value_errors_naming_the_key(cfg, shape, classes, matc
         build_network(cfg, shape, classes)
 
 
+def test_generic_keys_cap_groups_and_head_dim_to_divide_the_widths():
+    # As cmkit's U-Net caps its GroupNorm groups: widths 8 and 16 -> 32 groups become 8; attention at 8x8
+    # (width 8) and in the middle (16) -> head dim 16 becomes 8.
+    config = generic_unet_config(tiny(channels=8, num_groups=32, head_dim=16, attn_resolutions=[8]), (3, 8, 8))
+    assert (config["norm_num_groups"], config["attention_head_dim"]) == (8, 8)
+    config = generic_unet_config(tiny(channels=12, num_groups=32, head_dim=16), (3, 8, 8))
+    assert (config["norm_num_groups"], config["attention_head_dim"]) == (12, 12)  # widths 12, 24; attention at 24
+
+
 @pytest.mark.parametrize("extra,match", [
     ({"time_embedding_type": "fourier"}, "positional"),
     ({"in_channels": 1}, "in_channels"),
     ({"not_an_argument": 1}, "unknown UNet2DModel argument"),
     ({"num_class_embeds": 10}, "class_cond"),
     ({"down_block_types": ["SkipDownBlock2D", "DownBlock2D"]}, "not supported"),
+    ({"attention_head_dim": 3}, "attention_head_dim"),
+    ({"norm_num_groups": 3}, "norm_num_groups"),
 ])
 def test_bad_json_configs_are_refused(tmp_path, extra, match):
     config = {**generic_unet_config(tiny(), (3, 8, 8)), **extra}

@@ -70,13 +70,25 @@ def generic_unet_config(cfg, data_shape: Sequence[int]) -> dict:
         raise ValueError(f"net.attn_resolutions {unused} match none of this U-Net's resolutions {resolutions}; "
                          f"pick from those (or [] for attention in the middle block only)")
     attn = [r in cfg.attn_resolutions for r in resolutions]
+    widths = [cfg.channels * m for m in cfg.channel_mult]
+    attn_widths = [w for w, a in zip(widths, attn) if a] + [widths[-1]]  # the middle block attends too
+    if cfg.channels < 1 or cfg.num_groups < 1 or cfg.head_dim < 1:
+        raise ValueError("net.channels, net.num_groups and net.head_dim must be >= 1")
     return dict(
-        sample_size=H, layers_per_block=cfg.num_blocks,
-        block_out_channels=[cfg.channels * m for m in cfg.channel_mult],
+        sample_size=H, layers_per_block=cfg.num_blocks, block_out_channels=widths,
         down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
         up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        attention_head_dim=cfg.head_dim, dropout=cfg.dropout, norm_num_groups=cfg.num_groups,
+        # Capped to divide every width, as cmkit's U-Net caps its group count (nets.layers.GroupNorm), so that
+        # small overrides (net.channels=8) build; the paper configs are unchanged (32 and 8/16 divide them).
+        attention_head_dim=_largest_divisor(attn_widths, cfg.head_dim), dropout=cfg.dropout,
+        norm_num_groups=_largest_divisor(widths, cfg.num_groups),
     )
+
+
+def _largest_divisor(values: Sequence[int], at_most: int) -> int:
+    """The largest g <= at_most that divides every value."""
+    g = math.gcd(*values)
+    return max(d for d in range(1, min(g, at_most) + 1) if g % d == 0)
 
 
 def read_unet_config(spec: str) -> dict:
