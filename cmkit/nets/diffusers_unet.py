@@ -135,6 +135,7 @@ def check_unet_config(config: dict, data_shape: Sequence[int], num_classes: int)
     if config.get("center_input_sample", False):
         raise ValueError("net.diffusers_config: center_input_sample=true maps x to 2x-1; cmkit scales inputs itself "
                          "(c_in): set it to false")
+
     def get(key):  # the value the UNet2DModel will use: the config's or the library default
         return config[key] if key in config else params[key].default
 
