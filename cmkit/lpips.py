@@ -156,8 +156,10 @@ class LPIPS(nn.Module):
                 h = F.avg_pool2d(h, layer[1], layer[2])
             if i in self.taps:
                 # LPIPS normalize_tensor: f/(‖f‖₂ + 1e-10) over channels; rsqrt(‖f‖² + 1e-20) is the same to
-                # float precision and keeps a finite gradient where a ReLU feature vector is all zero.
-                out.append(h * torch.rsqrt(h.square().sum(1, keepdim=True) + 1e-20))
+                # float precision and keeps a finite gradient where a ReLU feature vector is all zero. In float32
+                # at least (1e-20 underflows in fp16 under autocast).
+                f = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
+                out.append(f * torch.rsqrt(f.square().sum(1, keepdim=True) + 1e-20))
         return out
 
     def forward(self, x: Tensor, y: Tensor, c: float = 0.0) -> Tensor:
