@@ -110,6 +110,9 @@ def test_small_images_are_upsampled_bilinearly_to_224():
         torch.testing.assert_close(d(x, y), d(up(x), up(y)))
         # greyscale: the same image in each channel
         torch.testing.assert_close(d(x[:, :1], y[:, :1]), d(x[:, :1].expand(-1, 3, -1, -1), y[:, :1].expand(-1, 3, -1, -1)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision: finite, close to float32
+            low = d(x, y)
+        assert low.dtype == torch.float32 and torch.allclose(low, d(x, y), rtol=0.03)
 
 
 def test_files_in_both_formats_and_the_lpips_package_layout(tmp_path, small_resize):
