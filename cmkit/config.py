@@ -64,6 +64,10 @@ class NetConfig:
     progressive: str = "none"  # NCSN++ output pyramid: none | output_skip (Score SDE model.progressive)
     progressive_input: str = "residual"  # NCSN++ input pyramid: residual | none (Score SDE model.progressive_input)
     fir_kernel: list[int] = field(default_factory=lambda: [1, 3, 3, 1])  # NCSN++ FIR resampling filter (Score SDE)
+    head_dim: int = 8  # diffusers_unet: UNet2DModel attention_head_dim (ACT Table 5: 8 CIFAR-10, 16 ImageNet 64)
+    diffusers_config: str = ""  # diffusers_unet: preset (act_cifar10 | act_imagenet64) or UNet2DModel config.json; "" = the net.* keys
+    patch_size: int = 2  # dit: patch size p (width net.hidden, blocks net.depth, heads net.num_heads)
+    dit: str = ""  # dit: a Peebles & Xie Table 1 preset (DiT-S/2 ... DiT-XL/8); "" = the net.* keys above
 
 
 @dataclass

@@ -39,6 +39,19 @@ def geman_mcclure(x: Tensor, y: Tensor, c: float) -> Tensor:
 
 
 DISTANCES = {"l2": l2, "pseudo_huber": pseudo_huber, "cauchy": cauchy, "geman_mcclure": geman_mcclure}
+# Distances with a feature network of their own (weights from local files): built by make_distance.
+NETWORK_DISTANCES = ("lpips",)  # cmkit.lpips (Zhang et al. 2018), the metric of CT/CD, ACT and CM-GAN
+DISTANCE_NAMES = (*DISTANCES, *NETWORK_DISTANCES)
+
+
+def make_distance(method_cfg, shape, latent: bool = False):
+    """The callable d(x, y, c) -> (B,) of method_cfg.distance: a function of DISTANCES, or an LPIPS module
+    (an nn.Module with no parameters; assign it to the objective so that .to(device) moves it)."""
+    if method_cfg.distance == "lpips":
+        from cmkit.lpips import build_lpips
+
+        return build_lpips(method_cfg, shape, latent)
+    return get_distance(method_cfg.distance)
 
 
 def get_distance(name: str):

@@ -32,7 +32,7 @@ def test_numbers_and_lists():
     [
         ("train.stepz=5", ["unknown key", "train.stepz", "steps"]),
         ("train.steps=many", ["train.steps", "integer"]),
-        ("method.distance=lpips", ["method.distance", "pseudo_huber"]),
+        ("method.distance=lpipz", ["method.distance", "pseudo_huber", "lpips"]),
         ("method.name=nope", ["unknown method.name", "ict"]),
         ("bogus.x=1", ["section"]),
         ("train.steps", ["section.key=value"]),

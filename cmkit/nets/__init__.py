@@ -6,13 +6,15 @@ from typing import Sequence
 
 from torch import nn
 
+from cmkit.nets.diffusers_unet import DiffusersUNet
+from cmkit.nets.dit import DiT
 from cmkit.nets.discriminator import DISCRIMINATORS, build_discriminator
 from cmkit.nets.layers import EMBEDDINGS, NORMS
 from cmkit.nets.mlp import MLP
 from cmkit.nets.ncsnpp import NCSNpp
 from cmkit.nets.unet import UNet
 
-NETWORKS: dict[str, type] = {"unet": UNet, "mlp": MLP, "ncsnpp": NCSNpp}
+NETWORKS: dict[str, type] = {"unet": UNet, "mlp": MLP, "ncsnpp": NCSNpp, "diffusers_unet": DiffusersUNet, "dit": DiT}
 
 __all__ = ["DISCRIMINATORS", "build_discriminator", "EMBEDDINGS", "MLP", "NCSNpp", "NETWORKS", "NORMS", "UNet", "build_network"]
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cmkit.nets.diffusers_unet import DiffusersUNetDiscriminator
 from cmkit.nets.layers import NoiseEmbedding, ResBlock, make_norm
 from cmkit.nets.unet import Downsample
 
@@ -166,7 +167,8 @@ class MLPDiscriminator(nn.Module):
 
 
 # Keyed by the generator's net.name: the discriminator follows the generator's family.
-DISCRIMINATORS: dict[str, type] = {"unet": UNetDiscriminator, "mlp": MLPDiscriminator}
+DISCRIMINATORS: dict[str, type] = {"unet": UNetDiscriminator, "mlp": MLPDiscriminator,
+                                   "diffusers_unet": DiffusersUNetDiscriminator}
 
 
 def build_discriminator(net_cfg, data_shape: Sequence[int], num_classes: int = 0, *, blocks: int = 0,
@@ -177,7 +179,9 @@ def build_discriminator(net_cfg, data_shape: Sequence[int], num_classes: int = 0
     """
     if net_cfg.name not in DISCRIMINATORS:
         raise ValueError(f"no discriminator for net.name '{net_cfg.name}'. Valid: {', '.join(sorted(DISCRIMINATORS))}")
-    blocks = blocks or math.ceil(1.5 * net_cfg.num_blocks)
-    return DISCRIMINATORS[net_cfg.name].from_config(
+    cls = DISCRIMINATORS[net_cfg.name]
+    generator_blocks = cls.generator_blocks(net_cfg) if hasattr(cls, "generator_blocks") else net_cfg.num_blocks
+    blocks = blocks or math.ceil(1.5 * generator_blocks)
+    return cls.from_config(
         net_cfg, tuple(data_shape), num_classes if net_cfg.class_cond else 0, num_blocks=blocks,
         time_emb=time_emb, activation=activation, hidden=hidden, depth=depth)

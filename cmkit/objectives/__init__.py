@@ -36,7 +36,7 @@ METHODS: dict[str, MethodSpec] = {
     "act": MethodSpec(AdversarialConsistencyTraining, ACTConfig, CT_PRESET),
     "act_ict": MethodSpec(AdversarialConsistencyTraining, ACTConfig, ICT_PRESET),
     # EDM diffusion (Karras et al. 2022), the teachers of CD; CD of Song et al. 2023 (iCT Eq. 3): N = 18,
-    # uniform i, λ = 1, squared ℓ2 (their LPIPS is not used), Heun teacher step, target EMA μ = 0.95.
+    # uniform i, λ = 1, squared ℓ2 (their LPIPS: method.distance=lpips with local weights), Heun step, target EMA μ = 0.95.
     "edm": MethodSpec(EDMDiffusion, EDMConfig, {}),
     "cd": MethodSpec(ConsistencyDistillation, DistillationConfig, {}),
     # sCM (004_225d7b9daa3d4cfe.txt): continuous-time CT/CD in TrigFlow, TrigFlow diffusion (sCD teacher),
@@ -46,7 +46,7 @@ METHODS: dict[str, MethodSpec] = {
     "ct_trigflow": MethodSpec(ContinuousConsistency, SCMConfig, dict(discrete_steps=256)),
     "trigflow": MethodSpec(TrigFlowDiffusion, TrigFlowConfig, {}),
     # CM-GAN (000_6636be86a063c832.txt): L_CM + λ·L_GAN with L_CM = iCT (cmgan), CT (cmgan_ct) or CD
-    # (cmgan_cd: N = 18, uniform i, λ(σ) = 1, ℓ2 as the "cd" method; the paper uses LPIPS, not in cmkit).
+    # (cmgan_cd: N = 18, uniform i, λ(σ) = 1, ℓ2 as the "cd" method; the paper's LPIPS is method.distance=lpips).
     "cmgan": MethodSpec(CMGAN, CMGANConfig, ICT_PRESET),
     "cmgan_ct": MethodSpec(CMGAN, CMGANConfig, CT_PRESET),
     "cmgan_cd": MethodSpec(CMGAN, CMGANConfig, dict(

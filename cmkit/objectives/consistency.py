@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from cmkit.coupling import COUPLINGS, ot_pair
-from cmkit.losses import DISTANCES, l2
+from cmkit.losses import DISTANCE_NAMES, l2, make_distance
+from cmkit.lpips import check_lpips_options
 from cmkit.model import Parameterized
 from cmkit.nets import build_network
 from cmkit.objectives.base import Objective, Phase, SharedDropout
@@ -64,7 +65,7 @@ class ConsistencyConfig:
     p_mean: float = -1.1
     p_std: float = 2.0
     weighting: str = "reciprocal"  # reciprocal 1/(σ_{i+1}-σ_i) (iCT) | uniform (CT)
-    distance: str = "pseudo_huber"  # see cmkit.losses.DISTANCES
+    distance: str = "pseudo_huber"  # see cmkit.losses.DISTANCE_NAMES (lpips: method.lpips_weights)
     c: float = 0.0  # robust-distance constant; 0 = 0.00054·sqrt(d) (iCT Sec. 3.3)
     teacher_ema: bool = False  # CT: θ⁻ ← μ(k)θ⁻ + (1-μ(k))θ; iCT: μ = 0, the teacher is the student
     mu0: float = 0.9  # CT's μ0 in μ(k) = exp(s0 log μ0 / N(k))
@@ -76,12 +77,17 @@ class ConsistencyConfig:
     diffusion_weight: float = 0.0  # weight of the diffusion loss (iLCT Eq. 9); 0 = off
     diffusion_r: float = 0.25  # diffusion loss on pairs with i ≤ int(N·r) (iLCT Eq. 9, Table 2b)
     coupling: str = "none"  # none | ot (exact, scipy) | ot_pot (POT's ot.emd): minibatch OT (iLCT Sec. 4.4)
+    # LPIPS (method.distance=lpips, cmkit.lpips): local weight files only, nothing downloads.
+    lpips_weights: list[str] = field(default_factory=list)  # VGG16/AlexNet features + LPIPS v0.1 heads (.safetensors/.pth)
+    lpips_net: str = "vgg"  # vgg | alex
+    lpips_pooling: str = "max"  # max (LPIPS) | avg (openai/consistency_models: piq LPIPS(replace_pooling=True))
 
     def validate(self) -> None:
         _choice("curriculum", self.curriculum, CURRICULA)
         _choice("noise_schedule", self.noise_schedule, INDEX_DISTRIBUTIONS)
         _choice("weighting", self.weighting, WEIGHTINGS)
-        _choice("distance", self.distance, DISTANCES)
+        _choice("distance", self.distance, DISTANCE_NAMES)
+        check_lpips_options(self)
         _choice("c_schedule", self.c_schedule, C_SCHEDULES)
         _choice("coupling", self.coupling, COUPLINGS)
         if self.diffusion_weight < 0 or not 0 <= self.diffusion_r <= 1:
@@ -113,7 +119,7 @@ class ConsistencyTraining(Objective):
         self.model = Parameterized(build_network(cfg.net, shape, num_classes), self.process)
         self.teacher = copy.deepcopy(self.model).requires_grad_(False) if m.teacher_ema else None
         self.c = m.c if m.c > 0 else pseudo_huber_c(math.prod(shape))
-        self.distance = DISTANCES[m.distance]
+        self.distance = make_distance(m, shape, latent=bool(cfg.data.vae))  # an LPIPS module is a submodule
         self.weighting = WEIGHTINGS[m.weighting]
         self._grids: dict = {}
 

@@ -23,7 +23,8 @@ from torch import nn
 from cmkit.analytic import GaussianTeacher
 from cmkit.checkpoint import CheckpointError
 from cmkit.config import ConfigError
-from cmkit.losses import DISTANCES
+from cmkit.losses import DISTANCE_NAMES, make_distance
+from cmkit.lpips import check_lpips_options
 from cmkit.model import Parameterized
 from cmkit.nets import build_network
 from cmkit.objectives.base import Objective, Phase, SharedDropout
@@ -56,9 +57,13 @@ class DistillationConfig:
     p_mean: float = -1.1
     p_std: float = 2.0
     weighting: str = "uniform"  # uniform λ = 1 (Song et al. 2023) | reciprocal 1/(σ_{i+1}-σ_i)
-    distance: str = "l2"  # see cmkit.losses.DISTANCES
+    distance: str = "l2"  # see cmkit.losses.DISTANCE_NAMES (lpips: method.lpips_weights)
     c: float = 0.0  # robust-distance constant; 0 = 0.00054·sqrt(d) (iCT Sec. 3.3)
     shared_dropout: bool = True  # same dropout masks in student and target (iCT Sec. 3.1)
+    # LPIPS (method.distance=lpips, cmkit.lpips): local weight files only, nothing downloads.
+    lpips_weights: list[str] = field(default_factory=list)  # VGG16/AlexNet features + LPIPS v0.1 heads (.safetensors/.pth)
+    lpips_net: str = "vgg"  # vgg | alex
+    lpips_pooling: str = "max"  # max (LPIPS) | avg (openai/consistency_models: piq LPIPS(replace_pooling=True))
 
     def validate(self) -> None:
         if not self.teacher:
@@ -70,7 +75,8 @@ class DistillationConfig:
         _choice("curriculum", self.curriculum, CURRICULA)
         _choice("noise_schedule", self.noise_schedule, INDEX_DISTRIBUTIONS)
         _choice("weighting", self.weighting, WEIGHTINGS)
-        _choice("distance", self.distance, DISTANCES)
+        _choice("distance", self.distance, DISTANCE_NAMES)
+        check_lpips_options(self)
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError("method.sigma_min and method.sigma_max need 0 < sigma_min < sigma_max")
         if not 1 <= self.s0 <= self.s1:
@@ -255,7 +261,7 @@ class ConsistencyDistillation(Objective):
         self.target = copy.deepcopy(self.model).requires_grad_(False) if m.target_ema > 0 else None
         self.ode_step = ODE_STEPS[m.solver]
         self.c = m.c if m.c > 0 else pseudo_huber_c(math.prod(shape))
-        self.distance = DISTANCES[m.distance]
+        self.distance = make_distance(m, shape, latent=bool(cfg.data.vae))  # an LPIPS module is a submodule
         self.weighting = WEIGHTINGS[m.weighting]
         self._grids: dict = {}
 
