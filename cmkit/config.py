@@ -61,6 +61,7 @@ class NetConfig:
     class_cond: bool = False  # condition on class labels (needs data.labels=true)
     guidance_cond: bool = False  # take the CFG scale w as an input (sCD with a guided teacher, sCM Sec. 5.2)
     modulation: str = "film"  # U-Net ResBlock conditioning: film (ADM AdaGN) | double_norm (sCM Sec. 4.1)
+    channels_per_head: int = 64  # edm2: attention heads per block = block width / channels_per_head (EDM2)
 
 
 @dataclass

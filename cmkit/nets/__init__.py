@@ -7,13 +7,14 @@ from typing import Sequence
 from torch import nn
 
 from cmkit.nets.discriminator import DISCRIMINATORS, build_discriminator
+from cmkit.nets.edm2 import EDM2UNet
 from cmkit.nets.layers import EMBEDDINGS, NORMS
 from cmkit.nets.mlp import MLP
 from cmkit.nets.unet import UNet
 
-NETWORKS: dict[str, type] = {"unet": UNet, "mlp": MLP}
+NETWORKS: dict[str, type] = {"unet": UNet, "mlp": MLP, "edm2": EDM2UNet}
 
-__all__ = ["DISCRIMINATORS", "build_discriminator", "EMBEDDINGS", "MLP", "NETWORKS", "NORMS", "UNet", "build_network"]
+__all__ = ["DISCRIMINATORS", "build_discriminator", "EDM2UNet", "EMBEDDINGS", "MLP", "NETWORKS", "NORMS", "UNet", "build_network"]
 
 
 def build_network(cfg, data_shape: Sequence[int], num_classes: int = 0) -> nn.Module:
