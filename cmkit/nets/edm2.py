@@ -29,6 +29,7 @@ on whether the overwrite ran: a JVP pass and a plain forward agree (tests/test_e
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -38,6 +39,10 @@ from torch import Tensor, nn
 
 from cmkit.nets.attention import attention
 from cmkit.nets.layers import PositionalEmbedding
+
+# Private torch API (the context torch.func itself uses to leave its transforms); a no-op if it ever goes away,
+# in which case forced normalisation inside torch.func.jvp raises torch's in-place error instead of going wrong.
+_outside_functorch = getattr(torch._C, "_DisableFuncTorch", contextlib.nullcontext)
 
 # ----------------------------------------------------------------------------
 # Magnitude-preserving primitives.
@@ -120,7 +125,9 @@ class MPConv(nn.Module):
         w = self.weight
         if w._version == self._normalized_version or w.device.type == "meta":
             return
-        with torch.no_grad():
+        # torch.func transforms refuse in-place writes to captured tensors; this write is not part of the function
+        # being differentiated (the forward only sees normalize(w), whatever w's scale), so it runs outside them.
+        with torch.no_grad(), _outside_functorch():
             w.copy_(normalize(w))
         self._normalized_version = w._version
 
