@@ -20,11 +20,14 @@ sCM's options, each selected by the shared NetConfig keys:
 
 Forced weight normalisation (EDM2 Eq. 66): EDM2 overwrites every weight with its normalised copy at the
 start of each training-mode forward. Here the overwrite happens only when the weight changed since the
-last one (its version counter moved: an optimiser step or a load), which is the same weights — normalising
-a normalised weight changes nothing (``normalize`` has a fixed point) — but never touches a weight that an
-earlier pass of the same step saved for backward (sCM's JVP pass and student pass; CT's two passes). The
-forward itself only sees normalize(w) (Eq. 47's "traditional" normalisation), so its output never depends
-on whether the overwrite ran: a JVP pass and a plain forward agree (tests/test_edm2.py).
+last one (its version counter moved: an optimiser step, a load): with one forward per step, as in EDM2,
+that is the same; with several (sCM's JVP pass then its student pass, CT's target and student passes) the
+first pass normalises and the others reuse the stored weights bit for bit, and no pass overwrites a weight
+that an earlier pass saved for backward. Under ``torch.func.jvp`` (which refuses in-place writes to
+captured tensors) the write runs outside the transform: it is not part of the function being
+differentiated, since the forward only sees normalize(w) (Eq. 47's "traditional" normalisation), which is
+scale-invariant up to ε = 1e-4. So the JVP pass and a plain forward of the same step agree exactly
+(tests/test_edm2.py), and the overwrite itself moves the output by O(ε) relative, once, as in EDM2.
 """
 
 from __future__ import annotations
