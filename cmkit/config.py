@@ -62,6 +62,7 @@ class NetConfig:
     guidance_cond: bool = False  # take the CFG scale w as an input (sCD with a guided teacher, sCM Sec. 5.2)
     modulation: str = "film"  # U-Net ResBlock conditioning: film (ADM AdaGN) | double_norm (sCM Sec. 4.1)
     channels_per_head: int = 64  # edm2: attention heads per block = block width / channels_per_head (EDM2)
+    logvar_channels: int = 0  # edm2: width of EDM2's log-variance head (EDM2: 128), sCT/sCD's w_φ; 0 = none
 
 
 @dataclass

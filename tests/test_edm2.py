@@ -25,7 +25,7 @@ TOY_OVERRIDES = ["net.name=edm2", "net.channels=8", "net.channel_mult=[1,2]", "n
 
 def _count(**kw) -> int:
     with torch.device("meta"):  # no memory: parameters exist only as shapes
-        net = EDM2UNet((4, 64, 64), num_classes=1000, **kw)
+        net = EDM2UNet((4, 64, 64), num_classes=1000, logvar_channels=128, **kw)
     return sum(p.numel() for p in net.parameters())
 
 
@@ -34,7 +34,8 @@ def _count(**kw) -> int:
 
 # (model_channels, sCM Table 2 / EDM2 Table 2 figure, count of the authors' released code). The last column is
 # sum(p.numel() for p in training.networks_edm2.Precond(64, 4, 1000, model_channels=C).parameters()) of
-# NVlabs/edm2 (commit on 2026-12-02), run here on the meta device: a golden value from independent code.
+# NVlabs/edm2 (commit on 2026-12-02), run here on the meta device: a golden value from independent code. Both
+# include EDM2's 128-wide log-variance head (an MPConv(128, 1): 128 weights; its features are fixed buffers).
 EDM2_SIZES = {
     "S": (192, 280e6, 280_212_837),
     "M": (256, 498e6, 497_807_781),
@@ -76,6 +77,12 @@ def test_registered_and_built_from_config():
     assert net.enc["8x8_block0"].modulation == "double_norm" and net.enc["4x4_block0"].num_heads == 2
     y = net(torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 2]))
     assert y.shape == (2, 3, 8, 8)
+    assert not net.has_logvar  # net.logvar_channels=0 (the default): no head, scm.py learns its own w_φ
+    with pytest.raises(ValueError, match="net.logvar_channels"):
+        net.logvar(torch.rand(2))
+    with torch.device("meta"):
+        headless = EDM2UNet((4, 64, 64), num_classes=1000, model_channels=192)
+    assert _count(model_channels=192) - sum(p.numel() for p in headless.parameters()) == 128
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -164,7 +171,7 @@ def _randomised(modulation, embedding, dropout=0.0, seed=0):
     """A float64 toy net whose zero-initialised gains are made non-zero, so every path reaches the output."""
     torch.manual_seed(seed)
     net = EDM2UNet((3, 8, 8), num_classes=5, modulation=modulation, embedding=embedding, dropout=dropout,
-                   **TOY).double()
+                   logvar_channels=16, **TOY).double()
     with torch.no_grad():
         for name, p in net.named_parameters():
             if name.endswith("gain"):
@@ -271,6 +278,8 @@ def test_forced_normalisation_changes_the_output_by_order_eps_once():
 
 def test_scm_uses_the_nets_logvar_head_as_w_phi():
     cfg = load_config(None, TOY_OVERRIDES + ["net.embedding=positional", "method.name=sct"])
+    assert type(build_objective(cfg, (3, 8, 8)).weight_net).__name__ == "AdaptiveWeight"  # no head: scm's own
+    cfg = load_config(None, TOY_OVERRIDES + ["net.embedding=positional", "method.name=sct", "net.logvar_channels=128"])
     obj = build_objective(cfg, (3, 8, 8))
     assert isinstance(obj.weight_net, NetLogvar)
     (phase,) = obj.phases
@@ -292,7 +301,7 @@ def test_short_sct_run_with_edm2_is_finite_and_the_loss_decreases(tmp_path):
     from cmkit.train import train
 
     cfg = load_config(None, TOY_OVERRIDES + [
-        "data.name=digits", "net.embedding=positional", "net.modulation=double_norm", "net.dropout=0.1",
+        "data.name=digits", "net.embedding=positional", "net.logvar_channels=128", "net.modulation=double_norm", "net.dropout=0.1",
         "method.name=sct", "method.tangent_warmup=20", "train.steps=24", "train.batch_size=16",
         "train.optimizer=adam", "train.lr=0.01", "train.betas=[0.9,0.99]", "train.threads=1",
         "run.log_every=4", f"run.dir={tmp_path}"])

@@ -16,7 +16,9 @@ sCM's options, each selected by the shared NetConfig keys:
   y = pnorm(y)⊙pnorm(s(t)) + pnorm(b(t)) (pnorm = EDM2's pixel norm, which also stands for norm(·), since
   EDM2 has no group norm).
 - ``logvar(c_noise)``: EDM2's learned log-variance u(σ) (EDM2 Eq. 21; MPFourier/positional features of
-  width 128 and one MPConv), the w_φ(t) of sCM Eq. 8; ``cmkit.objectives.scm`` uses it when present.
+  width ``net.logvar_channels``, 128 in EDM2, and one MPConv), the w_φ(t) of sCM Eq. 8;
+  ``cmkit.objectives.scm`` uses it when ``has_logvar``. Off by default (``net.logvar_channels=0``): a head
+  that the objective does not use would leave parameters without gradients, which DDP refuses.
 
 Forced weight normalisation (EDM2 Eq. 66): EDM2 overwrites every weight with its normalised copy at the
 start of each training-mode forward. Here the overwrite happens only when the weight changed since the
@@ -254,7 +256,7 @@ class EDM2UNet(nn.Module):
         guidance_cond: bool = False,
         label_balance: float = 0.5,
         concat_balance: float = 0.5,
-        logvar_channels: int = 128,
+        logvar_channels: int = 0,
         **block_kwargs,
     ):
         super().__init__()
@@ -322,8 +324,10 @@ class EDM2UNet(nn.Module):
         self.out_conv = MPConv(cout, img_channels, kernel=(3, 3))
 
         # EDM2 Precond's uncertainty head u(σ) (Eq. 21) = sCM Eq. 8's w_φ(t), on the same kind of features.
-        self.logvar_fourier = make_mp_embedding(embedding, logvar_channels, fourier_scale)
-        self.logvar_linear = MPConv(logvar_channels, 1, kernel=())
+        self.has_logvar = logvar_channels > 0
+        if self.has_logvar:
+            self.logvar_fourier = make_mp_embedding(embedding, logvar_channels, fourier_scale)
+            self.logvar_linear = MPConv(logvar_channels, 1, kernel=())
 
     @classmethod
     def from_config(cls, cfg, data_shape: Sequence[int], num_classes: int = 0) -> "EDM2UNet":
@@ -342,6 +346,7 @@ class EDM2UNet(nn.Module):
             modulation=getattr(cfg, "modulation", "film"),
             emb_channels=cfg.emb_dim,
             guidance_cond=cfg.guidance_cond,
+            logvar_channels=getattr(cfg, "logvar_channels", 0),
         )
 
     def _batch(self, c: Tensor, batch: int, dtype) -> Tensor:
@@ -385,5 +390,7 @@ class EDM2UNet(nn.Module):
 
     def logvar(self, c_noise: Tensor) -> Tensor:
         """Learned log-variance u(c_noise) (B,): EDM2 Eq. 21, the adaptive weighting w_φ(t) of sCM Eq. 8."""
+        if not self.has_logvar:
+            raise ValueError("this EDM2 net has no log-variance head: set net.logvar_channels=128 (EDM2's width)")
         c = self._batch(c_noise, 1, torch.promote_types(torch.as_tensor(c_noise).dtype, torch.float32))
         return self.logvar_linear(self.logvar_fourier(c)).squeeze(1)

@@ -159,7 +159,7 @@ class ContinuousConsistency(Objective):
         self.process = TrigFlow(m.sigma_data, m.time_transform, m.time_scale, tuple(m.t_mid))
         self.model = Parameterized(build_network(cfg.net, shape, num_classes), self.process, "consistency")
         self.weight_net = AdaptiveWeight(self.process, m.weighting_dim) if m.adaptive_weighting else None
-        if m.adaptive_weighting and hasattr(self.model.net, "logvar"):  # hook: the net's own w_φ head (edm2)
+        if m.adaptive_weighting and getattr(self.model.net, "has_logvar", False):  # hook: the net's own w_φ (edm2)
             self.weight_net = NetLogvar(self.model.net, self.process)
         self.teacher = None
         self.num_classes = num_classes if cfg.net.class_cond else 0
