@@ -310,3 +310,31 @@ def test_short_sct_run_with_edm2_is_finite_and_the_loss_decreases(tmp_path):
     losses = [d["loss"] for d in logs]
     assert len(losses) >= 5 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_sct_imagenet64_preset_is_edm2_s_and_trains_at_small_size(tmp_path):
+    import numpy as np
+
+    from cmkit.train import train
+
+    cfg = load_config("configs/sct_imagenet64.yaml")
+    n, assumed = cfg.net, dict(channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[16, 8])
+    assert n.name == "edm2" and all(getattr(n, k) == v for k, v in assumed.items())
+    assert (n.embedding, n.modulation, n.logvar_channels, n.class_cond) == ("positional", "double_norm", 128, True)
+    # EDM2's optimiser (train_edm2.py edm2-img64-s): lr 1e-2 decaying after 35k batches of 2048, β2 = 0.99.
+    t = cfg.train
+    assert (t.optimizer, t.lr, t.betas, t.lr_ref_nimg, t.batch_size) == ("adam", 0.01, [0.9, 0.99], 35000 * 2048, 2048)
+    with torch.device("meta"):
+        net = build_network(n, (3, 64, 64), 1000)
+    count = sum(p.numel() for p in net.parameters())
+    assert abs(count - 293.9e6) / 293.9e6 < 0.001  # EDM2-S (280.2M) + double normalisation's shift projections
+    # The preset itself trains (at toy width, on 16 random labelled 16x16 images, 2 steps).
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "inet.npz", x=rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8), y=rng.integers(0, 10, 16))
+    small = ["net.channels=8", "net.channel_mult=[1,2]", "net.num_blocks=1", "net.attn_resolutions=[8]",
+             "net.channels_per_head=8", f"data.path={tmp_path / 'inet.npz'}", "train.steps=2", "train.batch_size=4",
+             "train.threads=1", "train.device=cpu", f"run.dir={tmp_path / 'run'}", "run.sample_n=4",
+             "run.progress=false", "run.tensorboard=false", "run.log_every=1"]
+    train(load_config("configs/sct_imagenet64.yaml", small))
+    logs = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl") if '"loss"' in line]
+    assert len(logs) == 2 and all(math.isfinite(d["loss"]) for d in logs)
