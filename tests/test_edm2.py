@@ -134,7 +134,8 @@ def test_mp_silu_has_unit_second_moment_for_a_standard_normal_input():
 @pytest.mark.parametrize("t", [0.3, 0.5, 0.8])
 def test_mp_sum_and_mp_cat_preserve_unit_magnitude(t):
     g = torch.Generator().manual_seed(1)
-    a, b = torch.randn(4000, 64, generator=g, dtype=torch.float64), torch.randn(4000, 96, generator=g, dtype=torch.float64)
+    a = torch.randn(4000, 64, generator=g, dtype=torch.float64)
+    b = torch.randn(4000, 96, generator=g, dtype=torch.float64)
     # Eq. 88: Var((1-t)a + t b) = (1-t)² + t² for independent unit-variance a, b.
     assert abs(mp_sum(a, b[:, :64], t).var().item() - 1) < 0.01
     # Eq. 103: total magnitude 1, with the fraction (1-t)²/((1-t)² + t²) of the energy carried by a.
@@ -320,7 +321,8 @@ def test_short_sct_run_with_edm2_is_finite_and_the_loss_decreases(tmp_path):
     from cmkit.train import train
 
     cfg = load_config(None, TOY_OVERRIDES + [
-        "data.name=digits", "net.embedding=positional", "net.logvar_channels=128", "net.modulation=double_norm", "net.dropout=0.1",
+        "data.name=digits", "net.embedding=positional", "net.logvar_channels=128", "net.modulation=double_norm",
+        "net.dropout=0.1",
         "method.name=sct", "method.tangent_warmup=20", "train.steps=24", "train.batch_size=16",
         "train.optimizer=adam", "train.lr=0.01", "train.betas=[0.9,0.99]", "train.threads=1",
         "run.log_every=4", f"run.dir={tmp_path}"])

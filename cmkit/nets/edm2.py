@@ -2,10 +2,10 @@
 Diffusion Models", Fig. 21, config G) with sCM's Sec. 4.1 changes as options (004_225d7b9daa3d4cfe.txt).
 
 The network of sCM's ImageNet 64² and 512² runs ("based on EDM2 but with modifications in Sec. 4.1", sCM
-Table 2). Equation numbers below are EDM2's (arXiv 2312.02696); the layout follows the authors' released
-training/networks_edm2.py (NVlabs/edm2), read to verify, written anew. Module and parameter names are
-EDM2's (``enc``/``dec`` keys such as ``64x64_block0``, ``conv_res0``, ``emb_gain``, ``out_gain``), so an
-EDM2 UNet state dict maps onto this one.
+Table 2). Equation numbers below are EDM2's (arXiv 2312.02696), as its released code cites them; the layout
+follows the authors' released training/networks_edm2.py (NVlabs/edm2), read to verify, written anew.
+Module and parameter names are EDM2's (``enc``/``dec`` keys such as ``64x64_block0``, ``conv_res0``,
+``emb_gain``, ``out_gain``), so the tensors of an EDM2 checkpoint ('unet.' prefix dropped) load onto this net.
 
 sCM's options, each selected by the shared NetConfig keys:
 - ``net.embedding``: ``fourier`` = EDM2's magnitude-preserving Fourier features (Eq. 75) with bandwidth
@@ -14,7 +14,9 @@ sCM's options, each selected by the shared NetConfig keys:
 - ``net.modulation``: ``film`` = EDM2's own conditioning, y·(1 + s(t)) with a learned gain starting at 0
   (a scale-only FiLM); ``double_norm`` = sCM Sec. 4.1's adaptive double normalisation
   y = pnorm(y)⊙pnorm(s(t)) + pnorm(b(t)) (pnorm = EDM2's pixel norm, which also stands for norm(·), since
-  EDM2 has no group norm).
+  EDM2 has no group norm). How sCM fits it into EDM2's block is in its App. G, which the extracted text lacks;
+  this reading adds one emb→width projection per block (b(t); the gain goes): 293.9M parameters at EDM2-S
+  against EDM2's 280.2M, while sCM Table 2 lists 280M for its EDM2-S models too.
 - ``logvar(c_noise)``: EDM2's learned log-variance u(σ) (EDM2 Eq. 21; MPFourier/positional features of
   width ``net.logvar_channels``, 128 in EDM2, and one MPConv), the w_φ(t) of sCM Eq. 8;
   ``cmkit.objectives.scm`` uses it when ``has_logvar``. Off by default (``net.logvar_channels=0``): a head
