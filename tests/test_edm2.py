@@ -109,6 +109,8 @@ def test_registered_and_built_from_config():
     (dict(embedding="bogus"), "net.embedding"),
     (dict(attn_resolutions=(5,)), "net.attn_resolutions"),
     (dict(channels_per_head=3), "net.channels_per_head"),
+    (dict(channels_per_head=0), "net.channels_per_head"),
+    (dict(logvar_channels=-1), "net.logvar_channels"),
 ])
 def test_bad_options_name_the_key(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -267,6 +267,9 @@ class EDM2UNet(nn.Module):
             raise ValueError(f"net.name=edm2 needs image data of shape (C, H, W), got {data_shape}")
         if not channel_mult or num_blocks < 1 or model_channels < 1:
             raise ValueError("net.channel_mult must be non-empty, net.num_blocks >= 1 and net.channels >= 1")
+        if channels_per_head < 1 or logvar_channels < 0:
+            raise ValueError(f"net.channels_per_head must be >= 1 (EDM2: 64) and net.logvar_channels >= 0 (EDM2: 128, "
+                             f"0 = no head), got {channels_per_head} and {logvar_channels}")
         img_channels, H, W = data_shape
         factor = 2 ** (len(channel_mult) - 1)
         if H % factor or W % factor:
