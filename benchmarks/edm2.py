@@ -9,6 +9,7 @@ of F in (x, c_noise) and the student's forward+backward.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -25,13 +26,16 @@ NETS = {
 
 
 def timed(fn, reps: int, sync) -> float:
-    fn()  # warm-up
+    """Median milliseconds per call over reps calls after one warm-up (the median resists a shared machine)."""
+    fn()
     sync()
-    start = time.perf_counter()
+    times = []
     for _ in range(reps):
+        start = time.perf_counter()
         fn()
-    sync()
-    return (time.perf_counter() - start) / reps * 1000
+        sync()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -39,7 +43,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
