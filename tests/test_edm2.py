@@ -361,3 +361,22 @@ def test_sct_imagenet64_preset_is_edm2_s_and_trains_at_small_size(tmp_path):
     train(load_config("configs/sct_imagenet64.yaml", small))
     logs = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl") if '"loss"' in line]
     assert len(logs) == 2 and all(math.isfinite(d["loss"]) for d in logs)
+
+
+def test_guidance_input_starts_switched_off_and_works_under_bf16_autocast():
+    """sCD with CFG (sCM Sec. 5.2): w enters through a gain that starts at 0, so a student initialised from its
+    teacher starts as the teacher for every w; once the gain moves, w changes the output."""
+    torch.manual_seed(0)
+    net = EDM2UNet((3, 8, 8), num_classes=5, guidance_cond=True, modulation="double_norm", embedding="positional",
+                   **TOY).eval()
+    x, c, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    with torch.no_grad():
+        net.out_gain.fill_(1.0)
+        assert torch.equal(net(x, c, y, guidance=1.0), net(x, c, y, guidance=2.0))
+        net.guidance_gain.fill_(1.0)
+        assert not torch.equal(net(x, c, y, guidance=1.0), net(x, c, y, guidance=torch.tensor([2.0, 1.5])))
+    with pytest.raises(ValueError, match="guidance"):
+        net(x, c, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # train.precision=bf16
+        out, tangent = torch.func.jvp(lambda a, b: net.train()(a, b, y, guidance=1.5), (x, c), (x, torch.ones(2)))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(tangent.float()).all()
