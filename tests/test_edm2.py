@@ -380,3 +380,30 @@ def test_guidance_input_starts_switched_off_and_works_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # train.precision=bf16
         out, tangent = torch.func.jvp(lambda a, b: net.train()(a, b, y, guidance=1.5), (x, c), (x, torch.ones(2)))
     assert out.dtype == torch.bfloat16 and torch.isfinite(tangent.float()).all()
+
+
+@pytest.mark.slow
+def test_torch_compile_graph_matches_eager_training_steps():
+    """train.compile=true: forced normalisation runs once per forward outside the graph (EDM2UNet.force_normalize);
+    dynamo's eager backend checks the tracing without inductor's compile time."""
+    torch.manual_seed(0)
+    nets = [EDM2UNet((3, 8, 8), **TOY).train() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    for net in nets:
+        with torch.no_grad():
+            net.out_gain.fill_(1.0)
+    compiled = torch.compile(nets[0], backend="eager")
+    opts = [torch.optim.Adam(n.parameters(), lr=0.01, foreach=True) for n in nets]
+    x, c = torch.randn(2, 3, 8, 8), torch.rand(2)
+    for _ in range(3):
+        losses = []
+        for f, opt in zip((compiled, nets[1]), opts):
+            loss = f(x, c).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        assert losses[0] == losses[1]
+    compiled(x, c)  # the compiled forward normalises the weights the last step moved off the sphere
+    w = nets[0].enc["8x8_conv"].weight
+    assert torch.allclose(_rms(w), torch.ones(w.shape[0]), atol=2e-4)

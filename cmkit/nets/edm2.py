@@ -32,6 +32,7 @@ captured tensors) the write runs outside the transform: it is not part of the fu
 differentiated, since the forward only sees normalize(w) (Eq. 47's "traditional" normalisation), which is
 scale-invariant up to ε = 1e-4. So the JVP pass and a plain forward of the same step agree exactly
 (tests/test_edm2.py), and the overwrite itself moves the output by O(ε) relative, once, as in EDM2.
+Under torch.compile the overwrite runs once per forward in EDM2UNet.force_normalize, outside the graph.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ class MPConv(nn.Module):
         self._normalized_version = w._version
 
     def forward(self, x: Tensor, gain=1.0) -> Tensor:
-        if self.training:
+        if self.training and not torch.compiler.is_compiling():  # compiled: EDM2UNet.force_normalize does it
             self.force_normalize()
         w = normalize(self.weight)  # traditional weight normalisation: the forward only sees the direction
         w = w * (gain / math.sqrt(w[0].numel()))  # Eq. 47: ‖w_i‖ = 1/√fan_in keeps unit-variance outputs
@@ -380,7 +381,16 @@ class EDM2UNet(nn.Module):
             emb = mp_sum(emb, self.emb_label(onehot * math.sqrt(self.num_classes)), t=self.label_balance)
         return mp_silu(emb)
 
+    @torch.compiler.disable
+    def force_normalize(self) -> None:
+        """Forced weight normalisation of every MPConv at once (EDM2 Eq. 66), outside torch.compile's graphs."""
+        for m in self.modules():
+            if isinstance(m, MPConv):
+                m.force_normalize()
+
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None, guidance=None) -> Tensor:
+        if self.training and torch.compiler.is_compiling():
+            self.force_normalize()  # one graph break here instead of one per layer (train.compile=true)
         emb = self.embed(c_noise, class_labels, x.shape[0], x.dtype, guidance)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
