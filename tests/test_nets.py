@@ -251,7 +251,7 @@ def test_dropout_only_at_low_resolutions():
         (unet_cfg(num_heads=3), (1, 8, 8), 0, "num_heads"),
         (unet_cfg(class_cond=True), (1, 8, 8), 0, "data.labels"),
         (mlp_cfg(class_cond=True), (2,), 0, "data.labels"),
-        (unet_cfg(name="transformer"), (1, 8, 8), 0, "Valid networks: mlp, unet"),
+        (unet_cfg(name="transformer"), (1, 8, 8), 0, "Valid networks: edm2, mlp, unet"),
         (mlp_cfg(embedding="learned"), (2,), 0, "Valid embeddings"),
         (unet_cfg(norm="batch"), (1, 8, 8), 0, "Valid norms"),
     ],
@@ -262,4 +262,4 @@ def test_bad_configs_raise_value_error(cfg, shape, num_classes, match):
 
 
 def test_registry_is_explicit():
-    assert set(NETWORKS) == {"unet", "mlp"} and set(EMBEDDINGS) == {"fourier", "positional"}
+    assert set(NETWORKS) == {"unet", "mlp", "edm2"} and set(EMBEDDINGS) == {"fourier", "positional"}
