@@ -407,3 +407,17 @@ def test_torch_compile_graph_matches_eager_training_steps():
     compiled(x, c)  # the compiled forward normalises the weights the last step moved off the sphere
     w = nets[0].enc["8x8_conv"].weight
     assert torch.allclose(_rms(w), torch.ones(w.shape[0]), atol=2e-4)
+
+
+def test_forced_normalisation_survives_a_move_then_a_load():
+    """After a dtype move (new storage) and a load of unnormalised weights, a training forward normalises them."""
+    torch.manual_seed(0)
+    net = EDM2UNet((3, 8, 8), **TOY).train()
+    x, c = torch.randn(2, 3, 8, 8), torch.rand(2)
+    net(x, c)
+    net = net.double()
+    raw = {k: torch.randn_like(v) * 3 if k.endswith("weight") else v for k, v in net.state_dict().items()}
+    net.load_state_dict(raw)
+    net(x.double(), c.double())
+    w = net.enc["8x8_conv"].weight
+    assert torch.allclose(_rms(w), torch.ones(w.shape[0], dtype=w.dtype), atol=2e-4)

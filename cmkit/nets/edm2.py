@@ -126,18 +126,18 @@ class MPConv(nn.Module):
         super().__init__()
         self.out_channels = out_channels
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
-        self._normalized_version = -1  # the weight's version counter right after the last forced normalisation
+        self._normalized = None  # (storage, version counter) of the weight right after the last forced normalisation
 
     def force_normalize(self) -> None:
         """Overwrite the weight with normalize(weight) (EDM2 Eq. 66) unless it is unchanged since the last time."""
         w = self.weight
-        if w._version == self._normalized_version or w.device.type == "meta":
-            return
+        if w.device.type == "meta" or self._normalized == (w.data_ptr(), w._version):
+            return  # the storage too, in case the weight's tensor is replaced by one whose counter happens to match
         # torch.func transforms refuse in-place writes to captured tensors; this write is not part of the function
         # being differentiated (the forward only sees normalize(w), whatever w's scale), so it runs outside them.
         with torch.no_grad(), _outside_functorch():
             w.copy_(normalize(w))
-        self._normalized_version = w._version
+        self._normalized = (w.data_ptr(), w._version)
 
     def forward(self, x: Tensor, gain=1.0) -> Tensor:
         if self.training and not torch.compiler.is_compiling():  # compiled: EDM2UNet.force_normalize does it
