@@ -68,6 +68,8 @@ class NetConfig:
     diffusers_config: str = ""  # diffusers_unet: preset (act_cifar10 | act_imagenet64) or UNet2DModel config.json; "" = the net.* keys
     patch_size: int = 2  # dit: patch size p (width net.hidden, blocks net.depth, heads net.num_heads)
     dit: str = ""  # dit: a Peebles & Xie Table 1 preset (DiT-S/2 ... DiT-XL/8); "" = the net.* keys above
+    channels_per_head: int = 64  # edm2: attention heads per block = block width / channels_per_head (EDM2)
+    logvar_channels: int = 0  # edm2: width of EDM2's log-variance head (EDM2: 128), sCT/sCD's w_φ; 0 = none
 
 
 @dataclass

@@ -262,4 +262,4 @@ def test_bad_configs_raise_value_error(cfg, shape, num_classes, match):
 
 
 def test_registry_is_explicit():
-    assert {"unet", "mlp", "ncsnpp", "diffusers_unet", "dit"} <= set(NETWORKS) and set(EMBEDDINGS) == {"fourier", "positional"}
+    assert {"unet", "mlp", "ncsnpp", "diffusers_unet", "dit", "edm2"} <= set(NETWORKS) and set(EMBEDDINGS) == {"fourier", "positional"}

@@ -9,14 +9,15 @@ from torch import nn
 from cmkit.nets.diffusers_unet import DiffusersUNet
 from cmkit.nets.dit import DiT
 from cmkit.nets.discriminator import DISCRIMINATORS, build_discriminator
+from cmkit.nets.edm2 import EDM2UNet
 from cmkit.nets.layers import EMBEDDINGS, NORMS
 from cmkit.nets.mlp import MLP
 from cmkit.nets.ncsnpp import NCSNpp
 from cmkit.nets.unet import UNet
 
-NETWORKS: dict[str, type] = {"unet": UNet, "mlp": MLP, "ncsnpp": NCSNpp, "diffusers_unet": DiffusersUNet, "dit": DiT}
+NETWORKS: dict[str, type] = {"unet": UNet, "mlp": MLP, "ncsnpp": NCSNpp, "diffusers_unet": DiffusersUNet, "dit": DiT, "edm2": EDM2UNet}
 
-__all__ = ["DISCRIMINATORS", "build_discriminator", "EMBEDDINGS", "MLP", "NCSNpp", "NETWORKS", "NORMS", "UNet", "build_network"]
+__all__ = ["DISCRIMINATORS", "build_discriminator", "DiT", "DiffusersUNet", "EDM2UNet", "EMBEDDINGS", "MLP", "NCSNpp", "NETWORKS", "NORMS", "UNet", "build_network"]
 
 
 def build_network(cfg, data_shape: Sequence[int], num_classes: int = 0) -> nn.Module:

@@ -117,6 +117,22 @@ class AdaptiveWeight(nn.Module):
         return self.linear(self.features(self.process.c_noise(t.float()))).squeeze(1)
 
 
+# -- hook for backbones with their own w_φ head (cmkit/nets/edm2.py) ----------------------------------------
+class NetLogvar(nn.Module):
+    """w_φ(t) = net.logvar(c_noise(t)): the backbone's own log-variance head (EDM2 Eq. 21, nets/edm2.py).
+
+    The net is held in a list, not as a submodule: its head's parameters are the model's, so they are
+    optimised, EMA'd and checkpointed once, with the model."""
+
+    def __init__(self, net: nn.Module, process: TrigFlow):
+        super().__init__()
+        self._net = [net]
+        self.process = process
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self._net[0].logvar(self.process.c_noise(t.float()))
+
+
 def normalize_tangent(g: Tensor, kind: str, c: float = 0.1) -> Tensor:
     """sCM Sec. 4.2 'Tangent Normalization': g/(‖g‖₂ + c) per sample, or clip(g, -1, 1), or g.
 
@@ -143,6 +159,8 @@ class ContinuousConsistency(Objective):
         self.process = TrigFlow(m.sigma_data, m.time_transform, m.time_scale, tuple(m.t_mid))
         self.model = Parameterized(build_network(cfg.net, shape, num_classes), self.process, "consistency")
         self.weight_net = AdaptiveWeight(self.process, m.weighting_dim) if m.adaptive_weighting else None
+        if m.adaptive_weighting and getattr(self.model.net, "has_logvar", False):  # hook: the net's own w_φ (edm2)
+            self.weight_net = NetLogvar(self.model.net, self.process)
         self.teacher = None
         self.num_classes = num_classes if cfg.net.class_cond else 0
         self.guidance_input = cfg.net.guidance_cond
