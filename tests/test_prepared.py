@@ -67,6 +67,13 @@ def test_prepared_rows_equal_in_memory_mnist(tmp_path, mnist_cache):
     raw = np.load(tmp_path / "p" / "images.npy")
     expect = (raw[a.x.rows[3]].astype(np.float64) / 255 * 2 - 1).astype(np.float32)
     assert np.array_equal(a.x[[3]][0, :, 2:30, 2:30].numpy(), expect)
+    # evaluation: the reference split streamed from the memmap, judged with MNIST's own classifier
+    from cmkit.evaluation import Evaluator
+
+    ev = [Evaluator(load_config(None, [*args, "eval.reference=test", "eval.k=3", "data.labels=false"]))
+          for args in (["data.name=prepared", f"data.path={tmp_path / 'p'}", *common], ["data.name=mnist", *common])]
+    assert ev[0].extractor.name == ev[1].extractor.name == "mnist-cnn"
+    assert ev[0].ref_feats.shape == (500, ev[0].ref_feats.shape[1]) and np.array_equal(ev[0].ref_feats, ev[1].ref_feats)
 
 
 @pytest.mark.parametrize("extra", [[], ["train.accumulate=2"], ["data.loader_workers=2"]])

@@ -452,7 +452,11 @@ def prepare_latents(root: str | Path, vae: str, *, pad_to: int = 0, batch_size: 
         out = []
         for s in range(a, b, batch_size):
             x = pixels[np.arange(s, min(b, s + batch_size))]
-            out.append(ae.encode(_match_channels(x, ae.in_channels).to(device)).to(torch.float16).cpu().numpy())
+            z = ae.encode(_match_channels(x, ae.in_channels).to(device)).to(torch.float16)
+            if not torch.isfinite(z).all():
+                raise DataError(f"the autoencoder '{vae}' gave non-finite (or beyond float16) latents for images "
+                                f"{s}..{min(b, s + batch_size) - 1} of '{root}'")
+            out.append(z.cpu().numpy())
         return np.concatenate(out)
 
     def finish(mm) -> dict:

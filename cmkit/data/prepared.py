@@ -259,6 +259,10 @@ class PreparedArray:
     def __iter__(self):
         raise TypeError("a PreparedArray is read by index batches (x[idx]), not iterated row by row")
 
+    def __array__(self, *args, **kwargs):
+        raise DataError(f"'{self.path}' is read batch by batch (data.name=prepared); this command needs the whole "
+                        f"dataset in memory: point it at the source images (data.name=folder or array) instead")
+
 
 @dataclass
 class PreparedDataset(Dataset):
@@ -291,7 +295,10 @@ def load_prepared(cfg) -> PreparedDataset:
                         f"(latents are chosen by data.vae, from its latents/ subdirectory)")
     y = torch.from_numpy(labels) if labels is not None else None
     num_classes = int(index["labels"]["num_classes"]) if labels is not None else 0
-    return PreparedDataset("prepared", PreparedArray(root / index["x"]["file"]), y, "image", num_classes,
+    plan = index.get("plan", {})
+    # The bundled MNIST at its own size keeps its name, so evaluation picks its classifier features.
+    native_mnist = plan.get("source", {}).get("source") == "mnist" and not plan.get("resolution")
+    return PreparedDataset("mnist" if native_mnist else "prepared", PreparedArray(root / index["x"]["file"]), y, "image", num_classes,
                            root=root, index=index)
 
 
