@@ -352,11 +352,16 @@ class BatchLoader:
                     raw, y = reader[idx]
                     yield (raw.pin_memory(), y.pin_memory()) if pin else (raw, y)
             self._source = read()
+        # CUDA: copies run on a side stream, so the copy of batch k+1 overlaps the kernels of step k.
+        self._stream = torch.cuda.Stream(self.device) if pin else None
         self._next = self._transfer(next(self._source))
 
     def _transfer(self, item):
         raw, y = item
-        return raw.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self._stream is None:
+            return raw.to(self.device), y.to(self.device)
+        with torch.cuda.stream(self._stream):
+            return raw.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def __iter__(self):
         return self
@@ -364,6 +369,11 @@ class BatchLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x float32 on the device, labels or None) of the next batch; starts the copy of the one after."""
         raw, y = self._next
+        if self._stream is not None:  # the compute stream waits for the copy; the allocator keeps the memory alive
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self._stream)
+            raw.record_stream(current)
+            y.record_stream(current)
         self._next = self._transfer(next(self._source))
         return self.x.convert(raw), (y if y.numel() else None)
 
