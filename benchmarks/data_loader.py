@@ -113,7 +113,8 @@ def cmd_train(args) -> None:
     run = Path(tempfile.mkdtemp(prefix="cmkit_bench_"))
     cfg = load_config(None, [
         "data.name=prepared", f"data.path={args.path}", "data.verify=size", f"data.loader_workers={args.workers}",
-        "method.name=ict", "net.name=unet", f"net.channels={args.channels}", "net.channel_mult=[1,2,2]",
+        "method.name=ict", "net.name=unet", f"net.channels={args.channels}",
+        f"net.channel_mult=[{','.join(map(str, args.channel_mult))}]", f"net.num_groups={min(8, args.channels)}",
         "net.num_blocks=1", "net.attn_resolutions=[]", f"train.batch_size={args.batch_size}",
         f"train.steps={args.steps}", "train.threads=1", "train.ema=[0.999]", "run.progress=false",
         "run.tensorboard=false", "run.sample_every=0", "run.sample_n=4", "run.sample_steps=[1]",
@@ -183,8 +184,9 @@ def main() -> None:
     tr = sub.add_parser("train")
     tr.add_argument("--path", required=True)
     tr.add_argument("--steps", type=int, default=200)
-    tr.add_argument("--batch-size", type=int, default=32)
-    tr.add_argument("--channels", type=int, default=16)
+    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--channels", type=int, default=8)
+    tr.add_argument("--channel-mult", type=int, nargs="+", default=[1, 2])
     tr.add_argument("--workers", type=int, default=0)
     tr.set_defaults(func=cmd_train)
     pr = sub.add_parser("prepare")

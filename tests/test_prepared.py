@@ -207,11 +207,17 @@ def test_killed_prepare_never_loads_and_resumes(tmp_path):
     assert not (out / "index.json").exists() and json.loads((out / PROGRESS_FILE).read_text())["done"] == 32
     with pytest.raises(DataError, match="unfinished preparation"):
         _load(out)
-    assert main(["prepare-data", str(src), "--out", str(out), "--chunk", "16", "--no-progress"]) == 0  # resumes
-    resumed = json.loads((out / "index.json").read_text())
+    seen = []
+    resumed = prepare_images(str(src), out, progress=False, chunk=16, on_chunk=seen.append)
+    assert seen == [48, 64, 70]  # continued after the 2 recorded chunks, did not start over
     fresh = prepare_images(str(src), tmp_path / "fresh", progress=False, chunk=16)
     assert resumed["sha256"] == fresh["sha256"] and not (out / PROGRESS_FILE).exists()
-    assert resumed["seconds_last_run"] >= 0 and len(_load(out)) == 70
+    assert json.loads((out / "index.json").read_text())["sha256"] == fresh["sha256"] and len(_load(out)) == 70
+    # a changed plan (another chunk size) starts over cleanly instead of mixing two preparations
+    with pytest.raises(DataError, match="another source or with other options"):
+        prepare_images(str(src), out, progress=False, chunk=8)
+    assert main(["prepare-data", str(src), "--out", str(out), "--chunk", "8", "--force", "--no-progress"]) == 0
+    assert len(_load(out)) == 70
     assert np.array_equal(np.load(out / "images.npy"), np.load(src)["x"])
 
 
