@@ -297,7 +297,8 @@ def load_prepared(cfg) -> PreparedDataset:
     num_classes = int(index["labels"]["num_classes"]) if labels is not None else 0
     plan = index.get("plan", {})
     # The bundled MNIST at its own size keeps its name, so evaluation picks its classifier features.
-    native_mnist = plan.get("source", {}).get("source") == "mnist" and not plan.get("resolution")
+    source = plan.get("source") if isinstance(plan, dict) else None
+    native_mnist = isinstance(source, dict) and source.get("source") == "mnist" and not plan.get("resolution")
     return PreparedDataset("mnist" if native_mnist else "prepared", PreparedArray(root / index["x"]["file"]), y, "image", num_classes,
                            root=root, index=index)
 
