@@ -305,7 +305,8 @@ def add_plot(sub) -> None:
 
 def cmd_prepare_data(args) -> int:
     from cmkit.config import ConfigError
-    from cmkit.data.prepare import prepare_images, prepare_latents
+    from cmkit.data.latents import prepare_latents
+    from cmkit.data.prepare import prepare_images
     from cmkit.data.prepared import is_prepared
 
     progress = not args.no_progress

@@ -17,7 +17,8 @@ from cmkit.checkpoint import latest_checkpoint
 from cmkit.cli import main
 from cmkit.config import load_config
 from cmkit.data import DataError, load_dataset
-from cmkit.data.prepare import prepare_images, prepare_latents
+from cmkit.data.latents import latent_dir, prepare_latents
+from cmkit.data.prepare import prepare_images
 from cmkit.data.prepared import PROGRESS_FILE, open_prepared
 from cmkit.train import train
 
@@ -305,8 +306,6 @@ def test_prepared_latents_match_an_independent_encoding(tmp_path):
     with pytest.raises(DataError, match="another autoencoder"):
         _load(tmp_path / "p", f"data.vae={ae_b}")
     # a latent directory renamed to the other autoencoder's name is refused by its recorded hash
-    from cmkit.data.prepare import latent_dir
-
     os.rename(latent_dir(tmp_path / "p", index["autoencoder"], 0),
               latent_dir(tmp_path / "p", load_autoencoder(ae_b).identity(), 0))
     with pytest.raises(DataError, match="encoded by another autoencoder"):

@@ -75,7 +75,9 @@ def load_dataset(cfg, device: str | torch.device = "cpu") -> Dataset:
 
         pixels = load_dataset(replace(cfg, vae=""))
         if prepared.is_on_disk(pixels):  # latents encoded by cmkit prepare-data --vae, float16 on disk
-            return prepared.load_prepared_latents(pixels, cfg.vae, getattr(cfg, "verify", "auto"))
+            from cmkit.data.latents import load_prepared_latents
+
+            return load_prepared_latents(pixels, cfg.vae, getattr(cfg, "verify", "auto"))
         from cmkit.latent import encode_dataset
 
         return encode_dataset(pixels, cfg.vae, cfg.cache_dir, device=device)

@@ -1,5 +1,5 @@
-"""``cmkit prepare-data``: images (folder, EDM-style zip, .npy/.npz, bundled MNIST) -> a prepared directory,
-and a prepared directory + an autoencoder -> float16 latents (once, in batches, on the GPU if present).
+"""``cmkit prepare-data``: images (folder, EDM-style zip, .npy/.npz, bundled MNIST) -> a prepared directory
+(latents: cmkit.data.latents, with the same writer).
 
 Writing is resumable and never leaves a half-written file that loads: rows go into ``*.partial``
 chunk by chunk; after each chunk the memmap is flushed and ``progress.json`` records the rows done
@@ -22,17 +22,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
-from cmkit.data.prepared import (
-    FORMAT, INDEX_FILE, LABELS_FILE, PROGRESS_FILE, PreparedArray, chunk_sha256, content_sha256, open_prepared,
-)
+from cmkit.data.prepared import FORMAT, INDEX_FILE, LABELS_FILE, PROGRESS_FILE, chunk_sha256, content_sha256
 from cmkit.dataset import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 TRANSFORMS = ("center-crop", "scale")
 CHUNK_BYTES = 64 << 20  # rows per chunk (hash and resume unit): about 64 MiB
-LATENTS_DIR = "latents"
 
 
 # ----------------------------------------------------------------------------
@@ -401,74 +397,3 @@ def prepare_images(source: str, out: str | Path, *, resolution: int = 0, transfo
                               chunk=chunk, force=force, progress=progress, on_chunk=on_chunk)
     finally:
         src.close()
-
-
-# ----------------------------------------------------------------------------
-# Latents (iLCT): encoded once, float16, with the per-channel statistics.
-
-
-def latent_dir(root: Path, identity: str, pad_to: int) -> Path:
-    return root / LATENTS_DIR / (identity[:16] + (f"-pad{pad_to}" if pad_to else ""))
-
-
-def channel_statistics(mm: np.ndarray, rows: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and population std over (N, H, W) of the stored (float16) latents, in float64 (Chan's merge)."""
-    c = mm.shape[1]
-    count, mean, m2 = 0, np.zeros(c), np.zeros(c)
-    for a in range(0, mm.shape[0], rows):
-        z = np.asarray(mm[a:a + rows], dtype=np.float64).transpose(1, 0, 2, 3).reshape(c, -1)
-        k = z.shape[1]
-        mu = z.mean(1)
-        d = mu - mean
-        m2 += ((z - mu[:, None]) ** 2).sum(1) + d ** 2 * count * k / (count + k)
-        mean += d * k / (count + k)
-        count += k
-    return mean.tolist(), np.maximum(np.sqrt(m2 / count), 1e-8).tolist()
-
-
-def prepare_latents(root: str | Path, vae: str, *, pad_to: int = 0, batch_size: int = 256, device: str = "auto",
-                    chunk: int = 0, force: bool = False, progress: bool = True,
-                    on_chunk: Callable[[int], None] | None = None) -> dict:
-    """Encode the prepared images in ``root`` with the autoencoder in ``vae`` to root/latents/<hash>/latents.npy."""
-    from cmkit.latent import load_autoencoder
-    from cmkit.latent.dataset import _match_channels
-
-    root = Path(root).expanduser()
-    root, index, _, _ = open_prepared(root, "full")
-    if index.get("kind") != "image":
-        raise DataError(f"'{root}' holds {index.get('kind')} data; --vae encodes a prepared image directory")
-    ae = load_autoencoder(vae)
-    identity = ae.identity()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    pixels = PreparedArray(root / index["x"]["file"], pad_to=pad_to)
-    x0 = pixels[[0]]
-    ae.to(device)
-    z0 = ae.encode(_match_channels(x0, ae.in_channels).to(device))
-    shape = (len(pixels), *z0.shape[1:])
-
-    @torch.no_grad()
-    def produce(a: int, b: int) -> np.ndarray:
-        out = []
-        for s in range(a, b, batch_size):
-            x = pixels[np.arange(s, min(b, s + batch_size))]
-            z = ae.encode(_match_channels(x, ae.in_channels).to(device)).to(torch.float16)
-            if not torch.isfinite(z).all():
-                raise DataError(f"the autoencoder '{vae}' gave non-finite (or beyond float16) latents for images "
-                                f"{s}..{min(b, s + batch_size) - 1} of '{root}'")
-            out.append(z.cpu().numpy())
-        return np.concatenate(out)
-
-    def finish(mm) -> dict:
-        mean, std = channel_statistics(mm)
-        return {"latent_mean": mean, "latent_std": std}
-
-    plan = {"pixels_sha256": index["sha256"], "autoencoder": identity, "pad_to": pad_to, "batch_size": batch_size}
-    extra = {"autoencoder": identity, "autoencoder_type": type(ae).__name__, "autoencoder_path": str(vae),
-             "pixels_sha256": index["sha256"], "pad_to": pad_to}
-    try:
-        return write_prepared(latent_dir(root, identity, pad_to), file="latents.npy", kind="latent", shape=shape,
-                              dtype="float16", plan=plan, produce=produce, labels=None, num_classes=0, extra=extra,
-                              chunk=chunk, force=force, progress=progress, on_chunk=on_chunk, finish=finish)
-    finally:
-        ae.to("cpu")
