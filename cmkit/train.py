@@ -200,7 +200,6 @@ class Trainer:
         """
         tc, info = self.cfg.train, self.info
         if is_on_disk(self.dataset):
-            check_batch_fits(self.dataset, tc.batch_size)
             start, n = self.data_pos, len(self.dataset)
             return BatchLoader(self.dataset, lambda: batches(n, tc.batch_size, tc.seed, start=start, rank=info.rank,
                                                              world_size=info.world_size),
