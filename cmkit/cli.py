@@ -303,8 +303,57 @@ def add_plot(sub) -> None:
     p.set_defaults(func=cmd_plot)
 
 
+def cmd_prepare_data(args) -> int:
+    from cmkit.config import ConfigError
+    from cmkit.data.latents import prepare_latents
+    from cmkit.data.prepare import prepare_images
+    from cmkit.data.prepared import is_prepared
+
+    progress = not args.no_progress
+    if args.vae and is_prepared(args.source) and not args.out:
+        pixels = Path(args.source)
+    else:
+        if not args.out:
+            raise ConfigError("cmkit prepare-data needs --out DIR (or a prepared directory as SOURCE with --vae)")
+        index = prepare_images(args.source, args.out, resolution=args.resolution, transform=args.transform,
+                               labels=not args.no_labels, max_images=args.max_images, workers=args.workers,
+                               chunk=args.chunk, force=args.force, progress=progress, cache_dir=args.cache_dir)
+        pixels = Path(args.out)
+        print(f"cmkit: {index['x']['shape'][0]} images {index['x']['shape'][1:]} uint8 in {pixels} "
+              f"(sha256 {index['sha256'][:12]}…); train on them with data.name=prepared data.path={pixels}")
+    if args.vae:
+        index = prepare_latents(pixels, args.vae, pad_to=args.pad_to, batch_size=args.batch_size, device=args.device,
+                                chunk=args.chunk, force=args.force, progress=progress)
+        print(f"cmkit: latents {index['x']['shape']} float16 of autoencoder {index['autoencoder'][:12]}… written; "
+              f"train on them with data.name=prepared data.path={pixels} data.vae={args.vae}"
+              + (f" data.pad_to={args.pad_to}" if args.pad_to else ""))
+    return 0
+
+
+def add_prepare_data(sub) -> None:
+    p = sub.add_parser("prepare-data", help="images (folder, zip, .npy/.npz, mnist) -> uint8 memmap; --vae: latents")
+    p.add_argument("source", help="image folder, EDM-style .zip of images, .npy/.npz (uint8), 'mnist' (bundled), "
+                                  "or with --vae a prepared directory")
+    p.add_argument("--out", default="", help="directory to write (images.npy, labels.npy, index.json)")
+    p.add_argument("--resolution", type=int, default=0, help="resize to N x N (0 = keep; sizes must then agree)")
+    p.add_argument("--transform", default="center-crop", help="center-crop (EDM dataset_tool) | scale (resize only)")
+    p.add_argument("--no-labels", action="store_true", help="ignore dataset.json / y labels")
+    p.add_argument("--max-images", type=int, default=0, help="keep only the first N images (0 = all)")
+    p.add_argument("--workers", type=int, default=1, help="processes decoding an image folder")
+    p.add_argument("--chunk", type=int, default=0, help="rows per chunk (hash and resume unit; 0 = about 64 MiB)")
+    p.add_argument("--force", action="store_true", help="replace a prepared dataset made with other options")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cache-dir", default="~/.cache/cmkit", help="where the bundled MNIST is cached")
+    p.add_argument("--vae", default="", help="autoencoder directory: also encode the images to float16 latents")
+    p.add_argument("--pad-to", type=int, default=0, help="--vae: pad images with -1 to this size before encoding "
+                                                         "(train with the same data.pad_to)")
+    p.add_argument("--batch-size", type=int, default=256, help="--vae: images encoded at a time")
+    p.add_argument("--device", default="auto", help="--vae: where to encode (auto = cuda if present)")
+    p.set_defaults(func=cmd_prepare_data)
+
+
 # Explicit list of subcommand builders (STYLE 10).
-COMMANDS = [add_train, add_sample, add_edit, add_train_ae, add_inspect_data, add_eval, add_plot]
+COMMANDS = [add_train, add_sample, add_edit, add_train_ae, add_inspect_data, add_eval, add_plot, add_prepare_data]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,8 @@ class DataConfig:
     cache_dir: str = "~/.cache/cmkit"  # parsed bundled data is cached here
     seed: int = 0  # seed of the toy sets and of the train/test split
     vae: str = ""  # autoencoder directory (cmkit train-ae or diffusers AutoencoderKL): train on its latents
+    loader_workers: int = 0  # data.name=prepared: DataLoader worker processes reading batches (0 = in the training process)
+    verify: str = "auto"  # data.name=prepared: full (sha256 of every chunk at start) | size (sizes only) | auto (full up to 4 GiB)
 
 
 @dataclass

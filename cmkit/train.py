@@ -23,6 +23,7 @@ from cmkit import distributed
 from cmkit.checkpoint import CheckpointError, keep_milestone, latest_checkpoint, save_checkpoint
 from cmkit.config import Config, ConfigError
 from cmkit.data import load_dataset, batches
+from cmkit.data.prepared import BatchLoader, check_batch_fits, is_on_disk, loader_workers
 from cmkit.latent import autoencoder_identity, check_autoencoder
 from cmkit.ema import EMA
 from cmkit.images import save_samples
@@ -92,6 +93,9 @@ class Trainer:
         if not 0 <= tc.ema_sample < len(tc.ema):
             raise ConfigError(f"train.ema_sample={tc.ema_sample} must index train.ema (0..{len(tc.ema) - 1})")
         self.dataset = load_dataset(cfg.data, device=device)
+        if is_on_disk(self.dataset):  # prepared data: fail before the run directory is touched
+            check_batch_fits(self.dataset, tc.batch_size)
+            loader_workers(cfg.data)
         if cfg.net.class_cond and self.dataset.num_classes == 0:
             raise ConfigError("net.class_cond=true needs labelled data: set data.labels=true (digits, mnist, array with y)")
         num_classes = self.dataset.num_classes if cfg.net.class_cond else 0
@@ -187,9 +191,19 @@ class Trainer:
         return path
 
     # -- one step ------------------------------------------------------------
-    def streams(self) -> list:
-        """One index stream per micro-batch of this rank: global micro-batch m = rank·A + a of ranks·A."""
+    def streams(self):
+        """One index stream per micro-batch of this rank: global micro-batch m = rank·A + a of ranks·A.
+
+        Data on disk (data.name=prepared) get one BatchLoader per rank instead: the rank's slice of each
+        global batch (the union of its A micro-batch slices, the same indices) read in one gather,
+        prefetched, and split into the A micro-batches on the device by next_batches.
+        """
         tc, info = self.cfg.train, self.info
+        if is_on_disk(self.dataset):
+            start, n = self.data_pos, len(self.dataset)
+            return BatchLoader(self.dataset, lambda: batches(n, tc.batch_size, tc.seed, start=start, rank=info.rank,
+                                                             world_size=info.world_size),
+                               workers=loader_workers(self.cfg.data), device=self.device)
         parts = info.world_size * tc.accumulate
         return [batches(len(self.dataset), tc.batch_size, tc.seed, start=self.data_pos,
                         rank=info.rank * tc.accumulate + a, world_size=parts) for a in range(tc.accumulate)]
@@ -198,6 +212,16 @@ class Trainer:
         """This rank's micro-batches of the next global batch, each with its RNG seed."""
         draw = self.data_pos // self.cfg.train.batch_size
         out = []
+        if isinstance(streams, BatchLoader):  # prepared data: this rank's batch, already on the device
+            x, labels = next(streams)
+            micro = self.cfg.train.accumulate
+            for a, xa in enumerate(x.chunk(micro)):
+                batch = {"x": xa}
+                if labels is not None and self.cfg.net.class_cond:
+                    batch["labels"] = labels.chunk(micro)[a]
+                out.append((batch, micro_seed(self.cfg.train.seed, draw, self.info.rank * micro + a)))
+            self.data_pos += self.cfg.train.batch_size
+            return out
         for a, stream in enumerate(streams):
             idx = next(stream)
             batch = {"x": self.dataset.x[idx].to(self.device, non_blocking=True)}

@@ -146,7 +146,7 @@ def test_unknown_name_and_split_list_valid_values():
         load(name="cifar")
     with pytest.raises(DataError, match="train, test, all"):
         load(name="two_moons", split="val")
-    assert set(DATASETS) == {*TOY, "gaussian", "digits", "mnist", "folder", "array"}
+    assert set(DATASETS) == {*TOY, "gaussian", "digits", "mnist", "folder", "array", "prepared"}
 
 
 @pytest.mark.parametrize("n", [2, 10, 101, 1797])
@@ -439,3 +439,26 @@ def test_array_loads_or_raises_data_error(dtype, shape, container, split, labels
         assert 0 <= int(ds.labels.min()) and int(ds.labels.max()) < ds.num_classes
     else:
         assert ds.num_classes == 0
+
+
+def test_uint8_quantisation_is_one_rounding_of_x_over_255(tmp_path):
+    """Every uint8 loader (array, folder, mnist, prepared) maps k to float32(k/255·2 - 1 in float64)."""
+    from cmkit.data import uint8_to_unit
+
+    k = np.arange(256, dtype=np.uint8)
+    expect = np.array([np.float32(float(v) / 255.0 * 2.0 - 1.0) for v in range(256)], dtype=np.float32)
+    assert np.array_equal(uint8_to_unit(k).numpy(), expect)
+    assert (uint8_to_unit(k).numpy() != (k.astype(np.float32) / np.float32(255) * 2 - 1)).any()  # float32 math differs
+    np.save(tmp_path / "a.npy", k.reshape(4, 1, 8, 8))
+    ds = load(name="array", path=str(tmp_path / "a.npy"), split="all")
+    assert np.array_equal(ds.x.numpy().ravel(), expect)
+
+
+def test_latent_does_not_import_data():
+    """The import circle data <-> latent is gone: cmkit.latent imports cmkit.dataset, never cmkit.data."""
+    import subprocess
+    import sys
+
+    code = "import sys, cmkit.latent, cmkit.latent.stats; print('cmkit.data' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

@@ -6,55 +6,11 @@ toy set, which keeps raw units for closed-form tests). Nothing is downloaded.
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
-
-class DataError(ValueError):
-    """Bad data the user can fix; the message names the problem and the fix."""
-
-
-@dataclass
-class Dataset:
-    name: str
-    x: torch.Tensor  # float32: (n, C, H, W) in [-1, 1], or (n, D) standardised
-    labels: torch.Tensor | None  # int64 (n,) or None
-    kind: str  # "image" | "vector"
-    num_classes: int = 0  # 0 if unlabelled
-    mean: torch.Tensor | None = field(default=None, repr=False)  # vectors: x_data = x * std + mean
-    std: torch.Tensor | None = field(default=None, repr=False)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.x.shape[1:])
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def to_data_space(self, x: torch.Tensor) -> torch.Tensor:
-        """Undo the normalisation, as float32 on the CPU: images to [0, 1] (clamped), vectors to original units."""
-        x = x.detach().float().cpu()
-        if self.kind == "image":
-            return ((x + 1) / 2).clamp(0, 1)
-        if self.mean is not None:
-            return x * self.std + self.mean
-        return x
-
-    def fingerprint(self) -> str:
-        """sha256 hex of the normalised data, its shape and the labels: keys caches of derived statistics."""
-        h = hashlib.sha256(str(tuple(self.x.shape)).encode())
-        h.update(self.x.detach().cpu().contiguous().numpy().tobytes())
-        if self.labels is not None:
-            h.update(self.labels.cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
-
-    def subset(self, idx: torch.Tensor) -> Dataset:
-        """The rows idx, keeping the normalisation (and so to_data_space) of the full set."""
-        labels = self.labels[idx] if self.labels is not None else None
-        return Dataset(self.name, self.x[idx].contiguous(), labels, self.kind, self.num_classes, self.mean, self.std)
+from cmkit.dataset import Dataset, DataError, take_rows, uint8_to_unit  # noqa: F401  (re-exported)
 
 
 def standardise(name: str, x: torch.Tensor, labels: torch.Tensor | None = None, num_classes: int = 0) -> Dataset:
@@ -92,7 +48,7 @@ def split_indices(n: int, which: str, seed: int) -> torch.Tensor:
 
 
 # The loaders import Dataset, DataError and standardise from this module, so they come after them.
-from cmkit.data import arrays, bundled, toy  # noqa: E402
+from cmkit.data import arrays, bundled, prepared, toy  # noqa: E402
 
 DATASETS: dict[str, Callable] = {
     "eight_gaussians": toy.eight_gaussians,
@@ -104,6 +60,7 @@ DATASETS: dict[str, Callable] = {
     "mnist": bundled.mnist,
     "folder": arrays.folder,
     "array": arrays.array,
+    "prepared": prepared.load_prepared,  # a directory written by cmkit prepare-data: uint8 memmap, read per batch
 }
 
 
@@ -116,9 +73,14 @@ def load_dataset(cfg, device: str | torch.device = "cpu") -> Dataset:
     if getattr(cfg, "vae", ""):  # latent space (iLCT): encode the pixel dataset once, cached
         from dataclasses import replace
 
+        pixels = load_dataset(replace(cfg, vae=""))
+        if prepared.is_on_disk(pixels):  # latents encoded by cmkit prepare-data --vae, float16 on disk
+            from cmkit.data.latents import load_prepared_latents
+
+            return load_prepared_latents(pixels, cfg.vae, getattr(cfg, "verify", "auto"))
         from cmkit.latent import encode_dataset
 
-        return encode_dataset(load_dataset(replace(cfg, vae="")), cfg.vae, cfg.cache_dir, device=device)
+        return encode_dataset(pixels, cfg.vae, cfg.cache_dir, device=device)
     if cfg.name not in DATASETS:
         raise DataError(f"unknown data.name '{cfg.name}'. Valid datasets: {', '.join(DATASETS)}")
     if cfg.split not in SPLITS:  # checked before a slow load
@@ -126,14 +88,14 @@ def load_dataset(cfg, device: str | torch.device = "cpu") -> Dataset:
     ds = DATASETS[cfg.name](cfg)
     if len(ds) == 0:
         raise DataError(f"dataset '{cfg.name}' is empty")
-    if not torch.isfinite(ds.x).all():
+    if not prepared.is_on_disk(ds) and not torch.isfinite(ds.x).all():  # uint8 on disk is finite
         bad = int((~torch.isfinite(ds.x)).sum())
         raise DataError(f"dataset '{cfg.name}' has {bad} non-finite values after normalisation; "
                         f"its values are too large to standardise, rescale them first")
     if cfg.pad_to:
         if ds.kind != "image":
             raise DataError(f"data.pad_to={cfg.pad_to} applies to images, but '{cfg.name}' holds vectors; set data.pad_to=0")
-        ds.x = pad_images(ds.x, cfg.pad_to)
+        ds.x = ds.x.padded(cfg.pad_to) if prepared.is_on_disk(ds) else pad_images(ds.x, cfg.pad_to)
     if not cfg.labels:
         ds.labels, ds.num_classes = None, 0
     if cfg.split == "all":

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmkit.data import Dataset, DataError, standardise
+from cmkit.data import Dataset, DataError, standardise, uint8_to_unit
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 PARALLEL_MIN_FILES = 64  # smaller folders are decoded in this process (a pool costs more than it saves)
@@ -75,7 +75,7 @@ def folder(cfg) -> Dataset:
             f"images in '{root}' have different sizes, e.g. '{f1}' is {s1[0]}x{s1[1]} and '{f2}' is "
             f"{s2[0]}x{s2[1]}. Set data.resolution=N to centre-crop and resize them all to N x N."
         )
-    x = torch.from_numpy(np.stack(pixels)).float() / 255.0 * 2 - 1
+    x = uint8_to_unit(np.stack(pixels))
     x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (n, C, H, W)
     return Dataset("folder", x.contiguous(), None, "image", 0)
 
@@ -129,7 +129,7 @@ def _labels(y: np.ndarray | None, n: int, path: str) -> tuple[torch.Tensor | Non
 def _image_values(x: np.ndarray, path: str) -> np.ndarray:
     """float32 images in [-1, 1]: uint8 is divided by 255; floats must already be in [0, 1] or [-1, 1]."""
     if x.dtype == np.uint8:
-        return x.astype(np.float32) / 255.0 * 2 - 1
+        return uint8_to_unit(x).numpy()
     if x.dtype.kind in "iu":
         raise DataError(f"'{path}' holds {x.dtype} images; save them as uint8 (0..255) or as floats in [0, 1]")
     lo, hi = float(x.min()), float(x.max())

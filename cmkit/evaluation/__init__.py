@@ -64,7 +64,8 @@ class Evaluator:
         self.seed = ec.seed if seed is None else seed
         ref = reference_dataset(cfg.data, ec.reference)
         self.kind = ref.kind
-        self.extractor: Extractor = build_extractor(features or ec.features, cfg.data.name, ref.kind,
+        # ref.name, not cfg.data.name: a prepared copy of the bundled MNIST is named mnist (its classifier applies)
+        self.extractor: Extractor = build_extractor(features or ec.features, ref.name, ref.kind,
                                                     ec.inception_weights)
         feats, cache = reference_features(ref, self.extractor, cfg.data.cache_dir, ec.n_ref, self.seed)
         if len(feats) <= self.k:

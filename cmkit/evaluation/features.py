@@ -25,6 +25,7 @@ import torch
 from cmkit.config import ConfigError
 from cmkit.evaluation.classifier import CLASSIFIERS, WEIGHTS_DIR, centre_crop, file_sha256, load_classifier
 
+REF_CHUNK = 4096  # reference images read and featurised at a time (rounded to whole extractor batches)
 CACHE_VERSION = 1  # bump when the cached content or its computation changes
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_HINT = (
@@ -197,10 +198,15 @@ def reference_features(dataset, extractor: Extractor, cache_dir: str | None, n_r
                     return f["features"], {"key": key, "data_sha256": fingerprint, "cache": str(path), "cache_hit": True}
         except (OSError, KeyError, ValueError, EOFError):
             pass  # a damaged file is recomputed and replaced
-    x = dataset.x
-    if 0 < n_ref < len(x):
-        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n_ref]]
-    feats = extractor(dataset.to_data_space(x)).numpy().astype(np.float32)
+    n = len(dataset)
+    idx = torch.arange(n)
+    if 0 < n_ref < n:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_ref]
+    # Streamed in chunks of whole extractor batches (the same batches as one call over all of x): a
+    # prepared (memory-mapped) reference set is read chunk by chunk, never decoded whole into memory.
+    step = extractor.batch_size * max(1, REF_CHUNK // extractor.batch_size)
+    feats = np.concatenate([extractor(dataset.to_data_space(dataset.x[idx[i:i + step]])).numpy().astype(np.float32)
+                            for i in range(0, len(idx), step)])
     if path is not None:
         _atomic_savez(path, features=feats, key=np.array(key))
     return feats, {"key": key, "data_sha256": fingerprint, "cache": str(path) if path else "", "cache_hit": False}

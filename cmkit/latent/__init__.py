@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from cmkit.data import DataError
+from cmkit.dataset import DataError
 from cmkit.latent.autoencoder import CONFIG_FILE, load_autoencoder_dir
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cmkit.data import Dataset, DataError
+from cmkit.dataset import Dataset, DataError, take_rows
 
 CACHE_VERSION = "latent-v1"  # bump when the encoding (posterior mean, channel handling) changes
 
@@ -60,7 +60,7 @@ class LatentDataset(Dataset):
 
     def subset(self, idx: Tensor) -> LatentDataset:
         labels = self.labels[idx] if self.labels is not None else None
-        return LatentDataset(self.name, self.x[idx].contiguous(), labels, self.kind, self.num_classes,
+        return LatentDataset(self.name, take_rows(self.x, idx), labels, self.kind, self.num_classes,
                              autoencoder=self.autoencoder, pixels=self.pixels.subset(idx),
                              latent_mean=self.latent_mean, latent_std=self.latent_std)
 
