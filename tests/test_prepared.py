@@ -342,3 +342,19 @@ def test_reference_features_stream_equal_in_memory(tmp_path):
         F.REF_CHUNK = old
     assert a.shape == (30, 64) and np.array_equal(a, b)
     assert open_prepared(tmp_path / "p")[1]["sha256"] in json.dumps(disk.index)
+
+
+def test_analytic_teacher_refuses_prepared_data_clearly(tmp_path):
+    """The analytic CD teacher needs the whole set in memory; on a memmap it is a ConfigError, not an AttributeError."""
+    import numpy as np
+    import pytest
+
+    from cmkit.config import ConfigError, DataConfig
+    from cmkit.objectives.distillation import analytic_teacher
+    from cmkit.processes import VEProcess
+
+    src = tmp_path / "x.npy"
+    np.save(src, np.random.default_rng(0).integers(0, 256, (8, 1, 4, 4), dtype=np.uint8))
+    prepare_images(str(src), tmp_path / "prep", progress=False)
+    with pytest.raises(ConfigError, match="method.teacher=analytic"):
+        analytic_teacher(VEProcess(), (1, 4, 4), DataConfig(name="prepared", path=str(tmp_path / "prep")))

@@ -106,6 +106,9 @@ def analytic_teacher(process, shape: tuple[int, ...], data_cfg=None) -> Gaussian
             raise ConfigError(f"the analytic teacher of data 'gaussian' needs shape (2,), got {shape}")
         return GaussianTeacher(mean, GAUSSIAN_STD, process)
     x = load_dataset(data_cfg).x
+    if not isinstance(x, torch.Tensor):  # a prepared (memory-mapped) dataset is read per batch, never whole
+        raise ConfigError(f"method.teacher=analytic fits a Gaussian to the whole dataset in memory; data.name="
+                          f"{data_cfg.name} is read per batch. Use the in-memory source (data.name=array or folder)")
     return GaussianTeacher(x.mean(0), x.std(0).clamp_min(1e-6), process)
 
 
