@@ -71,7 +71,7 @@ def test_lambda_zero_gives_the_cd_update():
 
 def test_generator_loss_is_cm_plus_lambda_times_gan():
     lam = 0.25
-    obj = _objective("method.name=cmgan", f"method.gan_weight={lam}", "method.s1=40")
+    obj = _objective("method.name=cmgan", f"method.gan_weight={lam}", "method.s1=40", "method.gan_noise=schedule")
     batch, progress = {"x": torch.randn(16, *DIGITS)}, Progress(0, 6400, 16)
     torch.manual_seed(3)
     out = obj.generator_loss(batch, progress)
@@ -80,6 +80,41 @@ def test_generator_loss_is_cm_plus_lambda_times_gan():
     logits = obj.discriminator(gaussian_blur(student, 10.0), obj.process.c_noise(t.float()))
     expected = cm_loss["loss"] + lam * (-logits)  # hinge generator loss: -D(blur(fake))
     torch.testing.assert_close(out["loss"], expected, rtol=0, atol=1e-6)
+
+
+def test_uniform_gan_noise_fakes_come_from_their_own_student_pass():
+    # gan_noise=uniform on iCT (Eq. 8): the GAN term's fake is f_θ(x + σ_{n+1} z', σ_{n+1}) with a fresh n and z'.
+    lam = 0.25
+    obj = _objective("method.name=cmgan", f"method.gan_weight={lam}", "method.s1=40")
+    assert obj.cfg.gan_noise == "uniform" and obj.uniform_fakes()
+    batch, progress = {"x": torch.randn(16, *DIGITS)}, Progress(0, 6400, 16)
+    torch.manual_seed(3)
+    out = obj.generator_loss(batch, progress)
+    torch.manual_seed(3)
+    cm_loss, _, _ = obj.cm.loss_with_output(batch, progress)
+    t = obj.gan_sigmas(batch["x"], progress)
+    x_t = batch["x"] + t.view(-1, 1, 1, 1) * torch.randn_like(batch["x"])
+    logits = obj.discriminator(gaussian_blur(obj.model(x_t, t), 10.0), obj.process.c_noise(t.float()))
+    torch.testing.assert_close(out["loss"], cm_loss["loss"] + lam * (-logits), rtol=0, atol=1e-6)
+
+
+def test_uniform_gan_noise_draws_n_uniformly_on_the_grid():
+    obj = _objective("method.name=cmgan", "method.curriculum=const", "method.s1=10")
+    progress = Progress(0, 6400, 16)
+    sigmas = obj.process.karras_sigmas(11)  # N = s1 + 1 = 11 points
+    torch.manual_seed(0)
+    t = obj.gan_sigmas(torch.zeros(20000, 2, dtype=torch.float64), progress)
+    index = torch.searchsorted(sigmas, t)
+    assert torch.equal(sigmas[index], t)  # on the grid
+    counts = torch.bincount(index, minlength=11).double() / t.numel()
+    assert counts[0] == 0  # σ_{n+1} with n >= 1: never σ_1 = σ_min
+    torch.testing.assert_close(counts[1:], torch.full((10,), 0.1, dtype=torch.float64), atol=0.01, rtol=0)
+    # iCT's lognormal draw (gan_noise=schedule) puts most fakes at σ <= 1; the uniform one does not
+    sched = _objective("method.name=cmgan", "method.curriculum=const", "method.s1=10", "method.gan_noise=schedule")
+    t_s = sched.gan_sigmas(torch.zeros(20000, 2, dtype=torch.float64), progress)
+    assert (t_s <= 1).double().mean() > 0.6 > (t <= 1).double().mean()
+    # CT's uniform draw already is Eq. 8's: no extra student pass
+    assert not _objective("method.name=cmgan_ct").uniform_fakes()
 
 
 # ----------------------------------------------------------------------------
@@ -117,10 +152,10 @@ def test_discriminator_step_is_hinge_of_blurred_real_and_fake():
     progress = Progress(500, 6400, 8)  # σ = 10·(1 - 500/1000) = 5
     torch.manual_seed(5)
     out = obj.discriminator_loss({"x": x}, progress)
-    # the fakes, recomputed: fresh t from the consistency loss's p(i), f_θ(x_g + t z, t) with x_g rolled by half
+    # the fakes, recomputed: fresh t = σ_{n+1}, n ~ U[1, N-1] (Eq. 8), f_θ(x_g + t z, t) with x_g rolled by half
     torch.manual_seed(5)
-    _, sigma_next, _ = obj.cm.sample_pairs(x, progress)
-    t = sigma_next.float()
+    sigmas = obj.process.karras_sigmas(obj.cm.num_scales(progress))
+    t = sigmas[torch.multinomial(torch.full((sigmas.numel() - 1,), 1.0), 8, replacement=True) + 1].float()
     x_g = x.roll(4, 0)
     with torch.no_grad():
         fake = obj.model(x_g + t[:, None, None, None] * torch.randn_like(x_g), t)
@@ -135,7 +170,8 @@ def test_discriminator_step_is_hinge_of_blurred_real_and_fake():
 
 
 def test_generator_blurs_only_the_discriminator_input():
-    obj = _objective("method.name=cmgan", "method.s1=40", "method.gan_weight=0.1", "method.blur_nimg=1000")
+    obj = _objective("method.name=cmgan", "method.s1=40", "method.gan_weight=0.1", "method.blur_nimg=1000",
+                     "method.gan_noise=schedule")
     obj.discriminator = Recorder()
     x = torch.randn(8, *DIGITS)
     progress = Progress(250, 6400, 8)  # σ = 7.5
