@@ -404,3 +404,64 @@ def test_diversity_logged_every_n_steps():
     logs = [obj.generator_loss(batch, Progress(4 * k, 400, 4))["diversity"] for k in range(11)]
     assert len(calls) == 3  # k = 0, 5, 10
     assert logs == [1.0] * 5 + [2.0] * 5 + [3.0]
+
+
+# ----------------------------------------------------------------------------
+# The discriminator's own optimiser settings and warm-up (issue 15).
+
+TOY = ["net.hidden=32", "net.depth=2", "train.batch_size=16", "data.n=256", "run.progress=false",
+       "run.tensorboard=false", "run.sample_n=4", "train.ema=[0.9]"]
+
+
+def _trainer(config, *extra):
+    from cmkit import distributed
+    from cmkit.train import Trainer
+
+    return Trainer(load_config(config, [*TOY, *extra]), distributed.DistInfo(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method", ["cmgan", "act"])
+def test_each_phase_steps_with_its_own_optimiser_settings(method):
+    extra = ["method.blur_sigma0=0"] if method == "cmgan" else []
+    t = _trainer("configs/ict_toy.yaml", f"method.name={method}", "train.lr=1e-5", "train.optimizer=adam",
+                 "train.betas=[0.9,0.999]", "method.disc_lr=3e-3", "method.disc_betas=[0.0,0.99]",
+                 "method.disc_optimizer=radam", *extra)
+    t.train_step(t.streams())
+    model, disc = t.optimizers["model"], t.optimizers["discriminator"]
+    assert type(model) is torch.optim.Adam and type(disc) is torch.optim.RAdam
+    assert [g["lr"] for g in model.param_groups] == [1e-5] and [g["lr"] for g in disc.param_groups] == [3e-3]
+    assert model.param_groups[0]["betas"] == (0.9, 0.999) and disc.param_groups[0]["betas"] == (0.0, 0.99)
+    # the discriminator's optimiser holds exactly D's parameters, the model's exactly the student's
+    assert {id(p) for p in disc.param_groups[0]["params"]} == {id(p) for p in t.objective.discriminator.parameters()}
+    assert {id(p) for p in model.param_groups[0]["params"]} == {id(p) for p in t.objective.model.parameters()}
+
+
+def test_disc_settings_default_to_train_for_cmgan_and_to_the_authors_for_act():
+    t = _trainer("configs/ict_toy.yaml", "method.name=cmgan", "method.blur_sigma0=0", "train.lr=2e-5")
+    assert t.settings["discriminator"] == t.settings["model"]
+    a = _trainer("configs/act_toy.yaml", "train.lr=2e-5", "train.optimizer=adam")
+    # kong13661/ACT train_cifar10.py: D's RAdam with betas (0, 0.99·16/17) and lr = G's lr
+    assert a.settings["discriminator"].optimizer == "radam" and a.settings["discriminator"].lr == 2e-5
+    assert a.settings["discriminator"].betas == pytest.approx((0.0, 0.99 * 16 / 17), abs=1e-15)
+
+
+@pytest.mark.parametrize("bad", ["method.disc_lr=-1", "method.disc_betas=[0.5]", "method.disc_betas=[0.0,1.0]",
+                                 "method.disc_optimizer=sgd", "method.disc_warmup_nimg=-1", "method.gan_noise=x"])
+def test_disc_settings_validation(bad):
+    with pytest.raises(ConfigError, match=bad.split("=")[0]):
+        load_config(None, ["method.name=cmgan", bad])
+
+
+def test_discriminator_warm_up_keeps_lambda_zero_then_switches_on():
+    obj = _objective("method.name=cmgan", "method.gan_weight=0.5", "method.disc_warmup_nimg=1000", "method.s1=40")
+    cm = _objective("method.name=ict", "method.s1=40")
+    cm.model.load_state_dict(obj.model.state_dict())
+    batch = {"x": torch.randn(16, *DIGITS)}
+    before, after = Progress(992, 6400, 16), Progress(1008, 6400, 16)
+    assert obj.gan_weight(before) == 0.0 and obj.gan_weight(after) == 0.5
+    warm, out = _grads(obj.model, obj.generator_loss, batch, before)
+    reference, _ = _grads(cm.model, cm.loss, batch, before)
+    assert all(torch.equal(a, b) for a, b in zip(warm, reference)) and out["gan_weight"] == 0.0  # the CM update
+    on, out = _grads(obj.model, obj.generator_loss, batch, after)
+    reference, _ = _grads(cm.model, cm.loss, batch, after)
+    assert not all(torch.allclose(a, b) for a, b in zip(on, reference)) and out["gan_weight"] == 0.5

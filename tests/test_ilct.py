@@ -302,3 +302,27 @@ def test_ilct_trains_a_few_steps(tmp_path):
     train(cfg)
     lines = (tmp_path / "log.jsonl").read_text().strip().splitlines()
     assert lines and all(np.isfinite(__import__("json").loads(ln).get("loss", 0.0)) for ln in lines)
+
+
+def test_sigma_data_auto_follows_the_data_and_is_recorded(tmp_path):
+    # method.sigma_data=auto: σ_data = the (normalised) training data's std, as EDM sets it from the data
+    import yaml
+
+    from cmkit.data import load_dataset
+    from cmkit.run import load
+    from cmkit.train import train
+
+    cfg = load_config("configs/ict_toy.yaml", ["method.sigma_data=auto", "net.hidden=16", "net.depth=1",
+                                               "train.steps=2", "train.batch_size=16", "data.n=256",
+                                               "run.progress=false", "run.tensorboard=false", "run.sample_n=4",
+                                               f"run.dir={tmp_path / 'run'}"])
+    assert cfg.method.sigma_data == "auto"
+    x = load_dataset(cfg.data).x.double()
+    expected = round(float(((x - x.mean()) ** 2).sum() / (x.numel() - 1)) ** 0.5, 6)
+    train(cfg)
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["method"]["sigma_data"]
+    assert recorded == pytest.approx(expected, abs=1e-12) and abs(expected - 0.5) > 0.05
+    assert load(tmp_path / "run").model().process.sigma_data == recorded
+    with pytest.raises(ConfigError, match="sigma_data"):
+        load_config(None, ["method.name=ict", "method.sigma_data=half"])
+    assert load_config(None, ["method.name=ict", "method.sigma_data=0.3"]).method.sigma_data == 0.3

@@ -8,11 +8,13 @@ iLCT's additions (robust distances, early diffusion loss, OT coupling, adaptive 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 
+from cmkit.config import ConfigError
 from cmkit.coupling import COUPLINGS, ot_pair
 from cmkit.losses import DISTANCES, l2
 from cmkit.model import Parameterized
@@ -55,7 +57,7 @@ class ConsistencyConfig:
     """Options of discrete-time consistency training (iCT Table 1); presets in objectives/__init__."""
 
     name: str = "ict"
-    sigma_data: float = 0.5
+    sigma_data: float | str = 0.5  # σ_data of the EDM scalings; "auto" = the training data's measured std (resolve_sigma_data)
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
@@ -99,13 +101,30 @@ class ConsistencyConfig:
             raise ValueError(f"method.s0 and method.s1 need 1 <= s0 <= s1, got s0={self.s0}, s1={self.s1}")
         if not 0 <= self.mu0 < 1:
             raise ValueError(f"method.mu0 must lie in [0, 1), got {self.mu0}")
-        if self.c < 0 or self.p_std <= 0 or self.sigma_data <= 0:
+        if isinstance(self.sigma_data, str) and self.sigma_data != "auto":
+            raise ValueError(f"method.sigma_data='{self.sigma_data}' is not valid: give a number > 0 or auto")
+        if self.c < 0 or self.p_std <= 0 or (self.sigma_data != "auto" and self.sigma_data <= 0):
             raise ValueError("method.c must be >= 0, method.p_std and method.sigma_data > 0")
-        ve_process(self)  # method.mid_sigmas inside (sigma_min, sigma_max), decreasing
+        if self.sigma_data != "auto":
+            ve_process(self)  # method.mid_sigmas inside (sigma_min, sigma_max), decreasing
+
+
+def resolve_sigma_data(cfg, x: torch.Tensor):
+    """cfg with method.sigma_data=auto replaced by the std of the (normalised) training data x over all elements,
+    as EDM sets σ_data from the data; the resolved number is what the run's config.yaml records. Else cfg itself."""
+    if getattr(cfg.method, "sigma_data", None) != "auto":
+        return cfg
+    std = float(x.detach().double().std())
+    if not std > 0:
+        raise ConfigError(f"method.sigma_data=auto: the training data's std is {std}; give method.sigma_data=<number>")
+    return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, sigma_data=round(std, 6)))
 
 
 def ve_process(m) -> VEProcess:
     """The VE process of a method config with the fields sigma_data, sigma_min, sigma_max, rho, c_noise_scale, mid_sigmas."""
+    if m.sigma_data == "auto":
+        raise ConfigError("method.sigma_data=auto is measured from the training data by cmkit.train "
+                          "(objectives.consistency.resolve_sigma_data); elsewhere give a number")
     return VEProcess(m.sigma_data, m.sigma_min, m.sigma_max, m.rho, m.c_noise_scale, tuple(m.mid_sigmas))
 
 
