@@ -452,6 +452,12 @@ def test_disc_settings_validation(bad):
         load_config(None, ["method.name=cmgan", bad])
 
 
+def test_sigma_data_auto_is_refused_for_cd():
+    with pytest.raises(ConfigError, match="sigma_data"):
+        load_config(None, ["method.name=cmgan_cd", "method.teacher=analytic", "method.sigma_data=auto"])
+    assert load_config(None, ["method.name=cmgan", "method.sigma_data=auto"]).method.sigma_data == "auto"
+
+
 def test_discriminator_warm_up_keeps_lambda_zero_then_switches_on():
     obj = _objective("method.name=cmgan", "method.gan_weight=0.5", "method.disc_warmup_nimg=1000", "method.s1=40")
     cm = _objective("method.name=ict", "method.s1=40")

@@ -92,6 +92,9 @@ class CMGANConfig(ConsistencyConfig, DistillationConfig):
         if self.consistency not in CONSISTENCY_LOSSES:
             raise ValueError(f"method.consistency='{self.consistency}' is not valid. Choose one of: "
                              f"{', '.join(CONSISTENCY_LOSSES)}")
+        if self.consistency == "cd" and self.sigma_data == "auto":
+            raise ValueError("method.sigma_data=auto measures σ_data for consistency training; with method.consistency=cd "
+                             "the teacher fixes it: give the teacher run's method.sigma_data")
         self.consistency_config().validate()
         for key, value, valid in (("gan_loss", self.gan_loss, GAN_LOSSES), ("init_weights", self.init_weights, INIT_WEIGHTS),
                                   ("disc_activation", self.disc_activation, ACTIVATIONS),
