@@ -170,6 +170,8 @@ def plot(dirs: list[str], png: str) -> None:
                 axes[1, j].plot([x * scale for x in xs], ys, lw=0.7, color=color,
                                 label=f"{v['method'].upper()} B={v['batch']}" if v["seed"] == min(
                                     r["seed"] for r in runs.values()) else None)
+        # ACT-Aug (Alg. 2) raises p_aug while the EMA of this penalty is >= τ = 0.55 (w_gp = 5, the authors' code)
+        axes[0, j].axhline(0.55, color="k", lw=0.6, ls="--", label="ACT-Aug τ = 0.55")
         axes[0, j].set_title(f"{Path(d).name}: ACT gradient penalty", fontsize=8)
         axes[0, j].set_ylabel("w_gp·|grad_x D|^2 (log)", fontsize=7)
         axes[0, j].set_yscale("log")

@@ -31,6 +31,7 @@ from cmkit.objectives import build_objective
 from cmkit.rundir import prepare_run_dir
 from cmkit.runlog import RunLog
 from cmkit.sampling import sample_batched
+from cmkit.objectives.consistency import resolve_sigma_data
 from cmkit.optim import lr_multiplier, make_optimizer, phase_settings
 from cmkit.schedules import Progress
 
@@ -99,6 +100,8 @@ class Trainer:
         if cfg.net.class_cond and self.dataset.num_classes == 0:
             raise ConfigError("net.class_cond=true needs labelled data: set data.labels=true (digits, mnist, array with y)")
         num_classes = self.dataset.num_classes if cfg.net.class_cond else 0
+        # method.sigma_data=auto: the data's measured std, recorded in the run's config.yaml (self.cfg)
+        self.cfg = cfg = resolve_sigma_data(cfg, self.dataset.x)
         try:
             self.objective = build_objective(cfg, self.dataset.shape, num_classes).to(device)
         except (ConfigError, CheckpointError):
@@ -398,6 +401,7 @@ def _train(cfg: Config, info: distributed.DistInfo, force: bool, stop_after: int
     torch.manual_seed(cfg.train.seed * 1_000_003 + info.rank)
     run_dir = Path(cfg.run.dir)
     trainer = Trainer(cfg, info, device)  # validates config, data and networks before any file is touched
+    cfg = trainer.cfg  # with values resolved from the data (method.sigma_data=auto)
     evaluator = build_evaluator(trainer) if info.is_main and cfg.eval.every_nimg else None
     if info.is_main:
         prepare_run_dir(run_dir, cfg, force)

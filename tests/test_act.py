@@ -84,6 +84,23 @@ def test_generator_loss_mixes_ct_and_gan_terms():
     assert out["loss"].mean().item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["act", "act_ict"])
+def test_generator_loss_is_on_the_student_output(name):
+    # Alg. 1 lines 7-8 recomputed: L_f = (1-λ)·L_CT + λ·softplus(-D(f_θ(x + t_{n+1} z, t_{n+1}), t_{n+1})) with the
+    # student output of the same L_CT pass (for act_ict the iCT target is the same network under no_grad)
+    act = _objective(f"method.name={name}", "method.w=0.4", "method.w_mid=0.4")
+    assert act.cfg.gan_loss == "non_saturating" and act.cfg.w_gp == 5.0  # the authors' code (kong13661/ACT)
+    batch, progress = {"x": torch.randn(32, 2)}, Progress(640, 6400, 32)
+    torch.manual_seed(3)
+    out = act.generator_loss(batch, progress)
+    torch.manual_seed(3)
+    ct, student, t = act.ct.loss_with_output(batch, progress)
+    assert student.requires_grad
+    logits = act.discriminator(student, act.process.c_noise(t.float()))
+    expected = 0.6 * ct["loss"] + 0.4 * torch.nn.functional.softplus(-logits)
+    torch.testing.assert_close(out["loss"], expected, rtol=0, atol=1e-6)
+
+
 def test_gan_losses_hand_values():
     real, fake = torch.tensor([2.0, -0.5]), torch.tensor([0.5, -3.0])
     sp = lambda v: math.log1p(math.exp(v))  # noqa: E731
@@ -92,6 +109,14 @@ def test_gan_losses_hand_values():
     assert torch.allclose(sat.discriminator(real, fake), torch.tensor([sp(-2.0) + sp(0.5), sp(0.5) + sp(-3.0)]))
     assert torch.allclose(hinge.discriminator(real, fake), torch.tensor([0.0 + 1.5, 1.5 + 0.0]))
     assert torch.allclose(hinge.generator(fake), torch.tensor([-0.5, 3.0]))
+    # non-saturating -log D(fake) = log(1 + e^{-l}); its gradient -sigmoid(-l) does not vanish where D wins (l << 0)
+    ns = GAN_LOSSES["non_saturating"]
+    assert torch.allclose(ns.generator(fake), torch.tensor([sp(-0.5), sp(3.0)]))
+    l = torch.tensor([-4.0], requires_grad=True)
+    (g_ns,) = torch.autograd.grad(ns.generator(l).sum(), l)
+    (g_sat,) = torch.autograd.grad(sat.generator(l).sum(), l)
+    assert g_ns.item() == pytest.approx(-1 / (1 + math.exp(-4)), rel=1e-6)
+    assert g_sat.item() == pytest.approx(-1 / (1 + math.exp(4)), rel=1e-6)  # 55x smaller at l = -4
 
 
 # ----------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def test_lambda_zero_gives_the_cd_update():
 
 def test_generator_loss_is_cm_plus_lambda_times_gan():
     lam = 0.25
-    obj = _objective("method.name=cmgan", f"method.gan_weight={lam}", "method.s1=40")
+    obj = _objective("method.name=cmgan", f"method.gan_weight={lam}", "method.s1=40", "method.gan_noise=schedule")
     batch, progress = {"x": torch.randn(16, *DIGITS)}, Progress(0, 6400, 16)
     torch.manual_seed(3)
     out = obj.generator_loss(batch, progress)
@@ -80,6 +80,41 @@ def test_generator_loss_is_cm_plus_lambda_times_gan():
     logits = obj.discriminator(gaussian_blur(student, 10.0), obj.process.c_noise(t.float()))
     expected = cm_loss["loss"] + lam * (-logits)  # hinge generator loss: -D(blur(fake))
     torch.testing.assert_close(out["loss"], expected, rtol=0, atol=1e-6)
+
+
+def test_uniform_gan_noise_fakes_come_from_their_own_student_pass():
+    # gan_noise=uniform on iCT (Eq. 8): the GAN term's fake is f_θ(x + σ_{n+1} z', σ_{n+1}) with a fresh n and z'.
+    lam = 0.25
+    obj = _objective("method.name=cmgan", f"method.gan_weight={lam}", "method.s1=40")
+    assert obj.cfg.gan_noise == "uniform" and obj.uniform_fakes()
+    batch, progress = {"x": torch.randn(16, *DIGITS)}, Progress(0, 6400, 16)
+    torch.manual_seed(3)
+    out = obj.generator_loss(batch, progress)
+    torch.manual_seed(3)
+    cm_loss, _, _ = obj.cm.loss_with_output(batch, progress)
+    t = obj.gan_sigmas(batch["x"], progress)
+    x_t = batch["x"] + t.view(-1, 1, 1, 1) * torch.randn_like(batch["x"])
+    logits = obj.discriminator(gaussian_blur(obj.model(x_t, t), 10.0), obj.process.c_noise(t.float()))
+    torch.testing.assert_close(out["loss"], cm_loss["loss"] + lam * (-logits), rtol=0, atol=1e-6)
+
+
+def test_uniform_gan_noise_draws_n_uniformly_on_the_grid():
+    obj = _objective("method.name=cmgan", "method.curriculum=const", "method.s1=10")
+    progress = Progress(0, 6400, 16)
+    sigmas = obj.process.karras_sigmas(11)  # N = s1 + 1 = 11 points
+    torch.manual_seed(0)
+    t = obj.gan_sigmas(torch.zeros(20000, 2, dtype=torch.float64), progress)
+    index = torch.searchsorted(sigmas, t)
+    assert torch.equal(sigmas[index], t)  # on the grid
+    counts = torch.bincount(index, minlength=11).double() / t.numel()
+    assert counts[0] == 0  # σ_{n+1} with n >= 1: never σ_1 = σ_min
+    torch.testing.assert_close(counts[1:], torch.full((10,), 0.1, dtype=torch.float64), atol=0.01, rtol=0)
+    # iCT's lognormal draw (gan_noise=schedule) puts most fakes at σ <= 1; the uniform one does not
+    sched = _objective("method.name=cmgan", "method.curriculum=const", "method.s1=10", "method.gan_noise=schedule")
+    t_s = sched.gan_sigmas(torch.zeros(20000, 2, dtype=torch.float64), progress)
+    assert (t_s <= 1).double().mean() > 0.6 > (t <= 1).double().mean()
+    # CT's uniform draw already is Eq. 8's: no extra student pass
+    assert not _objective("method.name=cmgan_ct").uniform_fakes()
 
 
 # ----------------------------------------------------------------------------
@@ -117,10 +152,10 @@ def test_discriminator_step_is_hinge_of_blurred_real_and_fake():
     progress = Progress(500, 6400, 8)  # σ = 10·(1 - 500/1000) = 5
     torch.manual_seed(5)
     out = obj.discriminator_loss({"x": x}, progress)
-    # the fakes, recomputed: fresh t from the consistency loss's p(i), f_θ(x_g + t z, t) with x_g rolled by half
+    # the fakes, recomputed: fresh t = σ_{n+1}, n ~ U[1, N-1] (Eq. 8), f_θ(x_g + t z, t) with x_g rolled by half
     torch.manual_seed(5)
-    _, sigma_next, _ = obj.cm.sample_pairs(x, progress)
-    t = sigma_next.float()
+    sigmas = obj.process.karras_sigmas(obj.cm.num_scales(progress))
+    t = sigmas[torch.multinomial(torch.full((sigmas.numel() - 1,), 1.0), 8, replacement=True) + 1].float()
     x_g = x.roll(4, 0)
     with torch.no_grad():
         fake = obj.model(x_g + t[:, None, None, None] * torch.randn_like(x_g), t)
@@ -135,7 +170,8 @@ def test_discriminator_step_is_hinge_of_blurred_real_and_fake():
 
 
 def test_generator_blurs_only_the_discriminator_input():
-    obj = _objective("method.name=cmgan", "method.s1=40", "method.gan_weight=0.1", "method.blur_nimg=1000")
+    obj = _objective("method.name=cmgan", "method.s1=40", "method.gan_weight=0.1", "method.blur_nimg=1000",
+                     "method.gan_noise=schedule")
     obj.discriminator = Recorder()
     x = torch.randn(8, *DIGITS)
     progress = Progress(250, 6400, 8)  # σ = 7.5
@@ -368,3 +404,70 @@ def test_diversity_logged_every_n_steps():
     logs = [obj.generator_loss(batch, Progress(4 * k, 400, 4))["diversity"] for k in range(11)]
     assert len(calls) == 3  # k = 0, 5, 10
     assert logs == [1.0] * 5 + [2.0] * 5 + [3.0]
+
+
+# ----------------------------------------------------------------------------
+# The discriminator's own optimiser settings and warm-up (issue 15).
+
+TOY = ["net.hidden=32", "net.depth=2", "train.batch_size=16", "data.n=256", "run.progress=false",
+       "run.tensorboard=false", "run.sample_n=4", "train.ema=[0.9]"]
+
+
+def _trainer(config, *extra):
+    from cmkit import distributed
+    from cmkit.train import Trainer
+
+    return Trainer(load_config(config, [*TOY, *extra]), distributed.DistInfo(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method", ["cmgan", "act"])
+def test_each_phase_steps_with_its_own_optimiser_settings(method):
+    extra = ["method.blur_sigma0=0"] if method == "cmgan" else []
+    t = _trainer("configs/ict_toy.yaml", f"method.name={method}", "train.lr=1e-5", "train.optimizer=adam",
+                 "train.betas=[0.9,0.999]", "method.disc_lr=3e-3", "method.disc_betas=[0.0,0.99]",
+                 "method.disc_optimizer=radam", *extra)
+    t.train_step(t.streams())
+    model, disc = t.optimizers["model"], t.optimizers["discriminator"]
+    assert type(model) is torch.optim.Adam and type(disc) is torch.optim.RAdam
+    assert [g["lr"] for g in model.param_groups] == [1e-5] and [g["lr"] for g in disc.param_groups] == [3e-3]
+    assert model.param_groups[0]["betas"] == (0.9, 0.999) and disc.param_groups[0]["betas"] == (0.0, 0.99)
+    # the discriminator's optimiser holds exactly D's parameters, the model's exactly the student's
+    assert {id(p) for p in disc.param_groups[0]["params"]} == {id(p) for p in t.objective.discriminator.parameters()}
+    assert {id(p) for p in model.param_groups[0]["params"]} == {id(p) for p in t.objective.model.parameters()}
+
+
+def test_disc_settings_default_to_train_for_cmgan_and_to_the_authors_for_act():
+    t = _trainer("configs/ict_toy.yaml", "method.name=cmgan", "method.blur_sigma0=0", "train.lr=2e-5")
+    assert t.settings["discriminator"] == t.settings["model"]
+    a = _trainer("configs/act_toy.yaml", "train.lr=2e-5", "train.optimizer=adam")
+    # kong13661/ACT train_cifar10.py: D's RAdam with betas (0, 0.99·16/17) and lr = G's lr
+    assert a.settings["discriminator"].optimizer == "radam" and a.settings["discriminator"].lr == 2e-5
+    assert a.settings["discriminator"].betas == pytest.approx((0.0, 0.99 * 16 / 17), abs=1e-15)
+
+
+@pytest.mark.parametrize("bad", ["method.disc_lr=-1", "method.disc_betas=[0.5]", "method.disc_betas=[0.0,1.0]",
+                                 "method.disc_optimizer=sgd", "method.disc_warmup_nimg=-1", "method.gan_noise=x"])
+def test_disc_settings_validation(bad):
+    with pytest.raises(ConfigError, match=bad.split("=")[0]):
+        load_config(None, ["method.name=cmgan", bad])
+
+
+def test_sigma_data_auto_is_refused_for_cd():
+    with pytest.raises(ConfigError, match="sigma_data"):
+        load_config(None, ["method.name=cmgan_cd", "method.teacher=analytic", "method.sigma_data=auto"])
+    assert load_config(None, ["method.name=cmgan", "method.sigma_data=auto"]).method.sigma_data == "auto"
+
+
+def test_discriminator_warm_up_keeps_lambda_zero_then_switches_on():
+    obj = _objective("method.name=cmgan", "method.gan_weight=0.5", "method.disc_warmup_nimg=1000", "method.s1=40")
+    cm = _objective("method.name=ict", "method.s1=40")
+    cm.model.load_state_dict(obj.model.state_dict())
+    batch = {"x": torch.randn(16, *DIGITS)}
+    before, after = Progress(992, 6400, 16), Progress(1008, 6400, 16)
+    assert obj.gan_weight(before) == 0.0 and obj.gan_weight(after) == 0.5
+    warm, out = _grads(obj.model, obj.generator_loss, batch, before)
+    reference, _ = _grads(cm.model, cm.loss, batch, before)
+    assert all(torch.equal(a, b) for a, b in zip(warm, reference)) and out["gan_weight"] == 0.0  # the CM update
+    on, out = _grads(obj.model, obj.generator_loss, batch, after)
+    reference, _ = _grads(cm.model, cm.loss, batch, after)
+    assert not all(torch.allclose(a, b) for a, b in zip(on, reference)) and out["gan_weight"] == 0.5

@@ -112,9 +112,12 @@ def _objective(*overrides, shape=(2,)):
     return build_objective(cfg, shape)
 
 
-def test_diffusion_loss_term_added_only_at_small_indices():
+@pytest.mark.parametrize("at,shift", [("current", 0), ("next", 1)])
+def test_diffusion_loss_term_added_only_at_small_indices(at, shift):
+    # iLCT Eq. 9 on f_θ(x_{t_i}, t_i) (diffusion_at=current, as written) or on the student at t_{i+1} (next)
     n, batch = 11, 40
-    obj = _objective("method.name=ilct", "method.coupling=none", "method.diffusion_weight=0.7")
+    obj = _objective("method.name=ilct", "method.coupling=none", "method.diffusion_weight=0.7",
+                     f"method.diffusion_at={at}")
     sigmas = karras_sigmas(n, 0.002, 80.0, 7.0)
     index = torch.arange(batch) % (n - 1)
     obj.sample_pairs = lambda x0, progress: (sigmas[index], sigmas[index + 1], n)
@@ -127,16 +130,24 @@ def test_diffusion_loss_term_added_only_at_small_indices():
     torch.manual_seed(5)
     without = obj.loss({"x": x0}, prog)["loss"].detach()
 
-    # Recompute ‖f_θ(x0 + σ_{i+1} z, σ_{i+1}) - x0‖² here: z is the loss's first random draw.
+    # Recompute ‖f_θ(x0 + σ z, σ) - x0‖² here (σ = σ_i or σ_{i+1}): z is the loss's first random draw.
     torch.manual_seed(5)
     z = torch.randn_like(x0)
-    t = sigmas[index + 1].float()
+    t = sigmas[index + shift].float()
     with torch.no_grad():
         student = obj.model(x0 + t[:, None] * z, t)
     sq = (student - x0).square().sum(1)
     small = (index + 1) <= int(n * 0.25)
     assert torch.allclose(with_diff - without, torch.where(small, 0.7 * sq, torch.zeros_like(sq)), atol=1e-5)
     assert small.sum() == 8 and (with_diff - without)[~small].abs().max() == 0
+
+
+def test_adaptive_c_dimension_scaling():
+    # method.c_dim_scale: Eq. 11's c times sqrt(d/4096); d = 4096 leaves it unchanged, d = 1024 halves it
+    for shape, factor in (((4, 32, 32), 1.0), ((4, 16, 16), 0.5), ((2,), (2 / 4096) ** 0.5)):
+        scaled = _objective("method.name=ilct", "method.c_dim_scale=true", shape=shape)
+        assert scaled.robust_c(641) == pytest.approx(adaptive_c(641) * factor, rel=1e-12)
+    assert _objective("method.name=ilct").robust_c(641) == adaptive_c(641)  # off by default: the paper's formula
 
 
 def test_adaptive_c_is_used_by_the_loss():
@@ -291,3 +302,27 @@ def test_ilct_trains_a_few_steps(tmp_path):
     train(cfg)
     lines = (tmp_path / "log.jsonl").read_text().strip().splitlines()
     assert lines and all(np.isfinite(__import__("json").loads(ln).get("loss", 0.0)) for ln in lines)
+
+
+def test_sigma_data_auto_follows_the_data_and_is_recorded(tmp_path):
+    # method.sigma_data=auto: σ_data = the (normalised) training data's std, as EDM sets it from the data
+    import yaml
+
+    from cmkit.data import load_dataset
+    from cmkit.run import load
+    from cmkit.train import train
+
+    cfg = load_config("configs/ict_toy.yaml", ["method.sigma_data=auto", "net.hidden=16", "net.depth=1",
+                                               "train.steps=2", "train.batch_size=16", "data.n=256",
+                                               "run.progress=false", "run.tensorboard=false", "run.sample_n=4",
+                                               f"run.dir={tmp_path / 'run'}"])
+    assert cfg.method.sigma_data == "auto"
+    x = load_dataset(cfg.data).x.double()
+    expected = round(float(((x - x.mean()) ** 2).sum() / (x.numel() - 1)) ** 0.5, 6)
+    train(cfg)
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["method"]["sigma_data"]
+    assert recorded == pytest.approx(expected, abs=1e-12) and abs(expected - 0.5) > 0.05
+    assert load(tmp_path / "run").model().process.sigma_data == recorded
+    with pytest.raises(ConfigError, match="sigma_data"):
+        load_config(None, ["method.name=ict", "method.sigma_data=half"])
+    assert load_config(None, ["method.name=ict", "method.sigma_data=0.3"]).method.sigma_data == 0.3

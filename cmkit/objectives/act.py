@@ -7,7 +7,11 @@ L_d = λ_N(n+1)·L_D + λ_N(n+1)·L_gp. The discriminator, its optimiser (made b
 and the penalty EMA all live in this objective's state, so checkpoints carry them.
 
 The gradient penalty is R1-style (Mescheder et al. 2018): ‖∇_x l(x, t)‖² of D's logit l, not of its
-probability sigmoid(l) (ACT Eq. 4 and Alg. 1 line 14 write D without saying which).
+probability sigmoid(l) (ACT Eq. 4 and Alg. 1 line 14 write D without saying which). Where the paper is
+silent, the defaults follow the authors' released code (github.com/kong13661/ACT, train_cifar10.py):
+the non-saturating generator loss softplus(-l) = -log D(fake) (Eq. 8's literal log(1 - D(fake)) is
+``method.gan_loss=saturating``), the penalty weight γ/2 = 5 (their r1_gamma = 10 times 0.5, the value
+ACT-Aug's τ is compared with), and RAdam with β = (0, 0.99·16/17) for D (``method.disc_*``).
 
 Deviation from Alg. 1 line 11: the loop hands each phase one batch per micro-batch, so the fakes x_g
 are this micro-batch's own images rolled by half a batch, not a second independent draw: every fake
@@ -32,10 +36,12 @@ from cmkit.objectives.base import Objective, Phase
 from cmkit.objectives.consistency import ConsistencyConfig, ConsistencyTraining
 from cmkit.objectives.gan import (
     GAN_LOSSES,
+    disc_optim,
     frozen_call,
     gradient_penalty,
     lazy_due,
     update_aug_probability,
+    validate_disc_optim,
 )
 from cmkit.schedules import Progress, act_adversarial_weight
 
@@ -45,15 +51,18 @@ class ACTConfig(ConsistencyConfig):
     """CT/iCT options (inherited) plus ACT's (ACT Table 6, CIFAR-10 column as defaults).
 
     aug_target τ = 0.55 is compared with the EMA of L_gp = w_gp·‖∇_x l‖², the penalty on D's logit l
-    (R1 style) times w_gp: what τ means depends on both, so a penalty on sigmoid(l) or another w_gp
-    would need another τ (the paper states neither; cmkit uses the logit and w_gp = 1).
+    (R1 style) times w_gp: what τ means depends on both. The paper states neither; the authors' code
+    (kong13661/ACT, r1_panelty) penalises the logit with w_gp = r1_gamma/2 = 5 and compares its
+    threshold with that scaled penalty, so cmkit does the same.
     """
 
     name: str = "act"
     w: float = 0.3  # λ_N at n = N-1 (Eq. 10)
     w_mid: float = 0.3  # λ_N at n = (N-1)/2 (Eq. 10)
-    gan_loss: str = "saturating"  # saturating (Eq. 8-9) | non_saturating | hinge
-    w_gp: float = 1.0  # gradient-penalty weight w_gp; the paper does not state its value
+    # Generator loss: non_saturating -log D(fake) = softplus(-l) (the authors' code, loss_func_g) |
+    # saturating log(1 - D(fake)) = -softplus(l) (Eq. 8 as printed; its gradient vanishes where D wins) | hinge.
+    gan_loss: str = "non_saturating"
+    w_gp: float = 5.0  # w_gp = γ/2 with the authors' r1_gamma = 10 (kong13661/ACT); the paper does not state it
     gp_interval: int = 16  # I_gp: lazy penalty every I_gp iterations
     augment: bool = False  # ACT-Aug (Algorithm 2), images only
     aug_ops: list[str] = field(default_factory=lambda: ["flip", "translate", "cutout"])
@@ -66,9 +75,14 @@ class ACTConfig(ConsistencyConfig):
     disc_activation: str = "silu"  # silu | leaky_relu (Table 4)
     disc_hidden: int = 0  # MLP discriminator width; 0 = net.hidden
     disc_depth: int = 0  # MLP discriminator depth; 0 = net.depth
+    # D's own optimiser (cmkit.optim per-phase overrides); the authors' code: RAdam, β = (0, 0.99·16/17), lr = G's.
+    disc_optimizer: str = "radam"  # radam | adam | "" = train.optimizer
+    disc_lr: float = 0.0  # 0 = train.lr
+    disc_betas: list[float] = field(default_factory=lambda: [0.0, 0.99 * 16 / 17])  # [] = train.betas
 
     def validate(self) -> None:
         super().validate()
+        validate_disc_optim(self)
         if self.gan_loss not in GAN_LOSSES:
             raise ValueError(f"method.gan_loss='{self.gan_loss}' is not valid. Choose one of: {', '.join(GAN_LOSSES)}")
         if self.disc_activation not in ACTIVATIONS:
@@ -125,7 +139,7 @@ class AdversarialConsistencyTraining(Objective):
     @property
     def phases(self) -> list[Phase]:
         return [Phase("model", self.model, self.generator_loss),
-                Phase("discriminator", self.discriminator, self.discriminator_loss)]
+                Phase("discriminator", self.discriminator, self.discriminator_loss, optim=disc_optim(self.cfg))]
 
     # -- pieces --------------------------------------------------------------
     def critic(self, x: Tensor, t: Tensor, labels: Tensor | None = None, *, train: bool = True) -> Tensor:
@@ -155,21 +169,11 @@ class AdversarialConsistencyTraining(Objective):
 
     # -- phases --------------------------------------------------------------
     def generator_loss(self, batch, progress: Progress) -> dict:
-        # L_CT from the composed CT/iCT objective (Alg. 1 line 6); its first student call,
-        # f_θ(x + t_{n+1} z, t_{n+1}), is captured for L_G so both terms share x, z and n (lines 4-7).
-        seen: dict = {}
-
-        def capture(module, args, output):
-            seen.setdefault("student", (output, args[1]))
-
-        handle = self.model.register_forward_hook(capture)
-        try:
-            out = self.ct.loss(batch, progress)
-        finally:
-            handle.remove()
-        student, t_next = seen["student"]
+        # L_CT from the composed CT/iCT objective (Alg. 1 line 6) and its student output
+        # f_θ(x + t_{n+1} z, t_{n+1}, θ_g), which is L_G's input (line 7): both terms share x, z and n.
+        out, student, t_next = self.ct.loss_with_output(batch, progress)
         lam = self.adversarial_weight(t_next, int(out["N"]))
-        # Alg. 1 lines 7-8: L_G = log(1 - D(f_θ(x + t_{n+1} z, t_{n+1}), t_{n+1})) (Eq. 8);
+        # Alg. 1 lines 7-8: L_G on D(f_θ(x + t_{n+1} z, t_{n+1}), t_{n+1}) (Eq. 8; ACTConfig.gan_loss says which form);
         # L_f = (1 - λ_N(n+1))·L_CT + λ_N(n+1)·L_G. D is only read here, so its parameters get no gradient.
         l_g = self.gan.generator(self.critic(student, t_next, batch.get("labels"), train=False))
         loss = (1 - lam) * out["loss"] + lam * l_g

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,8 +30,8 @@ from cmkit.nets.discriminator import ACTIVATIONS
 from cmkit.objectives.base import Objective, Phase
 from cmkit.objectives.consistency import ConsistencyConfig, ConsistencyTraining
 from cmkit.objectives.distillation import ConsistencyDistillation, DistillationConfig
-from cmkit.objectives.gan import GAN_LOSSES, frozen_call, gradient_penalty, lazy_due
-from cmkit.schedules import Progress, blur_sigma
+from cmkit.objectives.gan import GAN_LOSSES, disc_optim, frozen_call, gradient_penalty, lazy_due, validate_disc_optim
+from cmkit.schedules import INDEX_DISTRIBUTIONS, Progress, blur_sigma
 
 # method.consistency -> (objective, its config dataclass): the L_CM of Eq. 7.
 CONSISTENCY_LOSSES = {
@@ -40,6 +40,7 @@ CONSISTENCY_LOSSES = {
 }
 INIT_WEIGHTS = ("ema", "student")
 DIVERSITY_FEATURES = ("auto", "pixel")
+GAN_NOISE = ("uniform", "schedule")
 
 
 @dataclass
@@ -70,6 +71,16 @@ class CMGANConfig(ConsistencyConfig, DistillationConfig):
     diversity_every: int = 100  # steps between diversity measurements; 0 = off
     diversity_n: int = 64  # size of the fixed noise batch
     diversity_features: str = "auto"  # auto: the bundled digit classifier's features where one exists, else pixels
+    # D's own optimiser (cmkit.optim per-phase overrides). The paper's D starts pretrained (Sec. 5.1); a D from
+    # random weights needs a far larger lr than the generator's fine-tuning lr.
+    disc_optimizer: str = ""  # radam | adam | "" = train.optimizer
+    disc_lr: float = 0.0  # 0 = train.lr
+    disc_betas: list[float] = field(default_factory=list)  # [] = train.betas
+    disc_warmup_nimg: int = 0  # D trains alone (λ = 0 in the generator step) for the first this many images
+    # The GAN term's fakes: uniform f_θ(x + σ_{n+1} z, σ_{n+1}) with n ~ U[1, N-1] (Eq. 8; the CM loss's own
+    # student output when its index draw is already uniform, else one extra student pass) | schedule: the CM
+    # loss's student output at its own index draw (iCT's lognormal puts most fakes at σ <= 1).
+    gan_noise: str = "uniform"
 
     def consistency_config(self):
         """The chosen consistency loss's own config, built from the shared fields."""
@@ -81,10 +92,14 @@ class CMGANConfig(ConsistencyConfig, DistillationConfig):
         if self.consistency not in CONSISTENCY_LOSSES:
             raise ValueError(f"method.consistency='{self.consistency}' is not valid. Choose one of: "
                              f"{', '.join(CONSISTENCY_LOSSES)}")
+        if self.consistency == "cd" and self.sigma_data == "auto":
+            raise ValueError("method.sigma_data=auto measures σ_data for consistency training; with method.consistency=cd "
+                             "the teacher fixes it: give the teacher run's method.sigma_data")
         self.consistency_config().validate()
         for key, value, valid in (("gan_loss", self.gan_loss, GAN_LOSSES), ("init_weights", self.init_weights, INIT_WEIGHTS),
                                   ("disc_activation", self.disc_activation, ACTIVATIONS),
-                                  ("diversity_features", self.diversity_features, DIVERSITY_FEATURES)):
+                                  ("diversity_features", self.diversity_features, DIVERSITY_FEATURES),
+                                  ("gan_noise", self.gan_noise, GAN_NOISE)):
             if value not in valid:
                 raise ValueError(f"method.{key}='{value}' is not valid. Choose one of: {', '.join(valid)}")
         if self.gan_weight < 0 or self.disc_steps < 1:
@@ -94,6 +109,9 @@ class CMGANConfig(ConsistencyConfig, DistillationConfig):
             raise ValueError("method.blur_sigma0 and method.blur_nimg must be >= 0")
         if self.w_gp < 0 or self.gp_interval < 1:
             raise ValueError("method.w_gp must be >= 0 and method.gp_interval >= 1")
+        validate_disc_optim(self)
+        if self.disc_warmup_nimg < 0:
+            raise ValueError(f"method.disc_warmup_nimg must be >= 0, got {self.disc_warmup_nimg}")
         if self.diversity_every < 0 or (self.diversity_every and self.diversity_n < 2):
             raise ValueError("method.diversity_every must be >= 0 and method.diversity_n >= 2")
 
@@ -159,7 +177,8 @@ class CMGAN(Objective):
     @property
     def phases(self) -> list[Phase]:
         # Algorithm 1: k discriminator steps first, then one generator step.
-        return [Phase("discriminator", self.discriminator, self.discriminator_loss, repeats=self.cfg.disc_steps),
+        return [Phase("discriminator", self.discriminator, self.discriminator_loss, repeats=self.cfg.disc_steps,
+                      optim=disc_optim(self.cfg)),
                 Phase("model", self.model, self.generator_loss)]
 
     # -- fine-tuning ---------------------------------------------------------
@@ -253,6 +272,23 @@ class CMGAN(Objective):
             return self.discriminator(x, c_noise, labels)
         return frozen_call(self.discriminator, x, c_noise, labels)
 
+    def uniform_fakes(self) -> bool:
+        """True when the GAN term needs its own uniform-n draw (gan_noise=uniform and a non-uniform CM draw)."""
+        return self.cfg.gan_noise == "uniform" and self.cm.cfg.noise_schedule != "uniform"
+
+    def gan_sigmas(self, x0: Tensor, progress: Progress) -> Tensor:
+        """σ_{n+1} of the GAN term's fakes, per sample, in x0's dtype: n ~ U[1, N-1] (Eq. 8) on the CM loss's
+        current N-point grid, or the CM loss's own index draw (gan_noise=schedule)."""
+        if not self.uniform_fakes():
+            return self.cm.sample_pairs(x0, progress)[1].to(x0.dtype)
+        sigmas = self.process.karras_sigmas(self.cm.num_scales(progress)).to(x0.device)
+        n = torch.multinomial(INDEX_DISTRIBUTIONS["uniform"](sigmas, self.cm.cfg), x0.shape[0], replacement=True)
+        return sigmas[n + 1].to(x0.dtype)
+
+    def gan_weight(self, progress: Progress) -> float:
+        """λ of Eq. 7, 0 during the discriminator warm-up (method.disc_warmup_nimg)."""
+        return 0.0 if progress.nimg < self.cfg.disc_warmup_nimg else self.cfg.gan_weight
+
     # -- phases --------------------------------------------------------------
     def discriminator_loss(self, batch, progress: Progress) -> dict:
         # Algorithm 1, inner loop: a fresh real batch and fresh t; fake = f_θ(x + t z, t). Alg. 1 noises a
@@ -263,8 +299,7 @@ class CMGAN(Objective):
         half = x_r.shape[0] // 2
         x_g = x_r.roll(half, 0)
         labels_g = labels.roll(half, 0) if labels is not None else None
-        _, sigma_next, _ = self.cm.sample_pairs(x_r, progress)
-        t = sigma_next.to(x_r.dtype)
+        t = self.gan_sigmas(x_r, progress)  # the same σ distribution as the generator step's fakes
         with torch.no_grad():
             fake = self.model(self.process.add_noise(x_g, torch.randn_like(x_g), t), t, labels_g)
         due = self.cfg.w_gp > 0 and lazy_due(progress.k, self.cfg.gp_interval)
@@ -290,8 +325,13 @@ class CMGAN(Objective):
         # The blur touches only D's input; the consistency loss sees the unblurred output.
         self._check_initialised()
         out, student, t_next = self.cm.loss_with_output(batch, progress)
-        lam = self.cfg.gan_weight
+        lam = self.gan_weight(progress)
         labels = batch.get("labels")
+        if self.uniform_fakes() and lam > 0:
+            # Eq. 8's fakes f_θ(x_{t_n}, t_n) with n uniform: one more student pass on the same images and a fresh z.
+            x0 = batch["x"]
+            t_next = self.gan_sigmas(x0, progress)
+            student = self.model(self.process.add_noise(x0, torch.randn_like(x0), t_next), t_next, labels)
         if lam == 0:
             with torch.no_grad():  # λ = 0 is exactly the CM update (Sec. 4); G_loss_disc is still logged
                 l_g = self.gan.generator(self.critic(student, t_next, labels, progress, train=False))
@@ -300,7 +340,7 @@ class CMGAN(Objective):
             l_g = self.gan.generator(self.critic(student, t_next, labels, progress, train=False))
             loss = out["loss"] + lam * l_g  # Eq. 7
         logs = {k: v for k, v in out.items() if k != "loss"}
-        logs.update(cm_loss=out["loss"].detach().mean(), g_loss=l_g.detach().mean())
+        logs.update(cm_loss=out["loss"].detach().mean(), g_loss=l_g.detach().mean(), gan_weight=lam)
         every = self.cfg.diversity_every
         if every and progress.k % every == 0:
             self.diversity = self.measure_diversity()

@@ -8,11 +8,13 @@ iLCT's additions (robust distances, early diffusion loss, OT coupling, adaptive 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 
+from cmkit.config import ConfigError
 from cmkit.coupling import COUPLINGS, ot_pair
 from cmkit.losses import DISTANCE_NAMES, l2, make_distance
 from cmkit.lpips import check_lpips_options
@@ -31,6 +33,8 @@ from cmkit.schedules import (
 )
 
 C_SCHEDULES = ("fixed", "adaptive")  # fixed: method.c (or iCT's 0.00054·sqrt(d)); adaptive: iLCT Eq. 11
+DIFFUSION_AT = ("current", "next")  # where iLCT Eq. 9's diffusion loss reads f_θ: at t_i (the paper) or at t_{i+1}
+C_REFERENCE_DIM = 4096  # iLCT's latents (32x32x4) for which Eq. 11's constants were fitted
 
 
 def diffusion_mask(sigma_i: torch.Tensor, sigmas: torch.Tensor, r: float) -> torch.Tensor:
@@ -54,7 +58,7 @@ class ConsistencyConfig:
     """Options of discrete-time consistency training (iCT Table 1); presets in objectives/__init__."""
 
     name: str = "ict"
-    sigma_data: float = 0.5
+    sigma_data: float | str = 0.5  # σ_data of the EDM scalings; "auto" = the training data's measured std (resolve_sigma_data)
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
@@ -81,6 +85,10 @@ class ConsistencyConfig:
     lpips_weights: list[str] = field(default_factory=list)  # VGG16/AlexNet features + LPIPS v0.1 heads (.safetensors/.pth)
     lpips_net: str = "vgg"  # vgg | alex
     lpips_pooling: str = "max"  # max (LPIPS) | avg (openai/consistency_models: piq LPIPS(replace_pooling=True))
+    # Eq. 9's f_θ: current = f_θ(x_{t_i}, t_i) as written (iCT: the target pass, run with a graph; an EMA teacher:
+    # one more student pass) | next = the student's f_θ(x_{t_{i+1}}, t_{i+1}): no extra pass, one grid step higher.
+    diffusion_at: str = "current"
+    c_dim_scale: bool = False  # adaptive c times sqrt(d/4096): Eq. 11 was fitted on d = 4096 latents
 
     def validate(self) -> None:
         _choice("curriculum", self.curriculum, CURRICULA)
@@ -90,6 +98,7 @@ class ConsistencyConfig:
         check_lpips_options(self)
         _choice("c_schedule", self.c_schedule, C_SCHEDULES)
         _choice("coupling", self.coupling, COUPLINGS)
+        _choice("diffusion_at", self.diffusion_at, DIFFUSION_AT)
         if self.diffusion_weight < 0 or not 0 <= self.diffusion_r <= 1:
             raise ValueError("method.diffusion_weight must be >= 0 and method.diffusion_r in [0, 1]")
         if not 0 < self.sigma_min < self.sigma_max:
@@ -98,13 +107,30 @@ class ConsistencyConfig:
             raise ValueError(f"method.s0 and method.s1 need 1 <= s0 <= s1, got s0={self.s0}, s1={self.s1}")
         if not 0 <= self.mu0 < 1:
             raise ValueError(f"method.mu0 must lie in [0, 1), got {self.mu0}")
-        if self.c < 0 or self.p_std <= 0 or self.sigma_data <= 0:
+        if isinstance(self.sigma_data, str) and self.sigma_data != "auto":
+            raise ValueError(f"method.sigma_data='{self.sigma_data}' is not valid: give a number > 0 or auto")
+        if self.c < 0 or self.p_std <= 0 or (self.sigma_data != "auto" and self.sigma_data <= 0):
             raise ValueError("method.c must be >= 0, method.p_std and method.sigma_data > 0")
-        ve_process(self)  # method.mid_sigmas inside (sigma_min, sigma_max), decreasing
+        if self.sigma_data != "auto":
+            ve_process(self)  # method.mid_sigmas inside (sigma_min, sigma_max), decreasing
+
+
+def resolve_sigma_data(cfg, x: torch.Tensor):
+    """cfg with method.sigma_data=auto replaced by the std of the (normalised) training data x over all elements,
+    as EDM sets σ_data from the data; the resolved number is what the run's config.yaml records. Else cfg itself."""
+    if getattr(cfg.method, "sigma_data", None) != "auto":
+        return cfg
+    std = float(x.detach().double().std())
+    if not std > 0:
+        raise ConfigError(f"method.sigma_data=auto: the training data's std is {std}; give method.sigma_data=<number>")
+    return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, sigma_data=round(std, 6)))
 
 
 def ve_process(m) -> VEProcess:
     """The VE process of a method config with the fields sigma_data, sigma_min, sigma_max, rho, c_noise_scale, mid_sigmas."""
+    if m.sigma_data == "auto":
+        raise ConfigError("method.sigma_data=auto is measured from the training data by cmkit.train "
+                          "(objectives.consistency.resolve_sigma_data); elsewhere give a number")
     return VEProcess(m.sigma_data, m.sigma_min, m.sigma_max, m.rho, m.c_noise_scale, tuple(m.mid_sigmas))
 
 
@@ -119,6 +145,7 @@ class ConsistencyTraining(Objective):
         self.model = Parameterized(build_network(cfg.net, shape, num_classes), self.process)
         self.teacher = copy.deepcopy(self.model).requires_grad_(False) if m.teacher_ema else None
         self.c = m.c if m.c > 0 else pseudo_huber_c(math.prod(shape))
+        self.c_dim_factor = math.sqrt(math.prod(shape) / C_REFERENCE_DIM) if m.c_dim_scale else 1.0
         self.distance = make_distance(m, shape, latent=bool(cfg.data.vae))  # an LPIPS module is a submodule
         self.weighting = WEIGHTINGS[m.weighting]
         self._grids: dict = {}
@@ -148,8 +175,9 @@ class ConsistencyTraining(Objective):
         return sigmas[i], sigmas[i + 1], n
 
     def robust_c(self, n: int) -> float:
-        """The distance's constant c at N discretisation points: fixed, or iLCT's adaptive c (Eq. 11)."""
-        return adaptive_c(n) if self.cfg.c_schedule == "adaptive" else self.c
+        """The distance's constant c at N discretisation points: fixed, or iLCT's adaptive c (Eq. 11), optionally
+        scaled by sqrt(d/4096) to the data's dimension d (method.c_dim_scale), as iCT's c0 = 0.00054·sqrt(d) scales."""
+        return adaptive_c(n) * self.c_dim_factor if self.cfg.c_schedule == "adaptive" else self.c
 
     def loss(self, batch, progress: Progress) -> dict:
         return self.loss_with_output(batch, progress)[0]
@@ -167,8 +195,16 @@ class ConsistencyTraining(Objective):
         # measured 3% faster per step on CPU (docs/benchmarks.md); the shared dropout mask is the same either way.
         dropout = SharedDropout(x0.device, self.cfg.shared_dropout)
         teacher = self.teacher if self.teacher is not None else self.model
-        with torch.no_grad(), dropout.record():
-            target = teacher(self.process.add_noise(x0, z, t_i), t_i, labels)
+        x_i = self.process.add_noise(x0, z, t_i)
+        diffusion = self.cfg.diffusion_weight > 0
+        at_t_i = None  # f_θ(x_{t_i}, t_i) with a graph, for iLCT Eq. 9 as written
+        if diffusion and self.cfg.diffusion_at == "current" and self.teacher is None:
+            with dropout.record():  # iCT: θ⁻ = sg(θ), so the target is this pass, detached
+                at_t_i = self.model(x_i, t_i, labels)
+            target = at_t_i.detach()
+        else:
+            with torch.no_grad(), dropout.record():
+                target = teacher(x_i, t_i, labels)
         with dropout.replay():
             student = self.model(self.process.add_noise(x0, z, t_next), t_next, labels)
         # iCT Eq. 5 with λ(σ_i) (Table 1) and d: ℓ2, Pseudo-Huber (iCT Eq. 8), Cauchy or Geman-McClure (iLCT Eq. 6, 8).
@@ -178,11 +214,15 @@ class ConsistencyTraining(Objective):
         logs = {"N": float(n)}
         if self.cfg.c_schedule == "adaptive":
             logs["c"] = c
-        if self.cfg.diffusion_weight > 0:
-            # iLCT Eq. 9: ‖f_θ(x_t, t) - x0‖² on the small noise levels i ≤ int(N·r), applied to the
-            # student's output (the one with a gradient; the teacher's is stop-grad).
+        if diffusion:
+            # iLCT Eq. 9: ‖f_θ(x_{t_i}, t_i) - x0‖² for i ≤ int(N·r). diffusion_at=current reads f_θ at t_i as written
+            # (an EMA teacher needs one more student pass, same dropout mask); next reads the student at t_{i+1}.
+            if self.cfg.diffusion_at == "current" and at_t_i is None:
+                with dropout.replay():
+                    at_t_i = self.model(x_i, t_i, labels)
+            output = at_t_i if self.cfg.diffusion_at == "current" else student
             mask = diffusion_mask(sigma_i, self.grid(n, x0.device)[0], self.cfg.diffusion_r)
-            diff = mask * l2(student, x0)
+            diff = mask * l2(output, x0)
             loss = loss + self.cfg.diffusion_weight * diff
             logs["diffusion_loss"] = diff.detach().sum() / mask.sum().clamp_min(1)
         return {"loss": loss, **logs}, student, t_next

@@ -82,3 +82,29 @@ def frozen_call(module: nn.Module, *args, **kwargs):
     """module(*args) with its parameters detached: gradients reach the inputs only (generator steps)."""
     params = {k: v.detach() for k, v in module.named_parameters()}
     return functional_call(module, params, args, kwargs)
+
+
+def validate_disc_optim(m) -> None:
+    """Check a method config's discriminator optimiser keys (disc_optimizer, disc_lr, disc_betas)."""
+    from cmkit.optim import OPTIMIZERS
+
+    if m.disc_optimizer and m.disc_optimizer not in OPTIMIZERS:
+        raise ValueError(f"method.disc_optimizer='{m.disc_optimizer}' is not valid. Choose one of: "
+                         f"{', '.join(OPTIMIZERS)}, or '' for train.optimizer")
+    if m.disc_lr < 0:
+        raise ValueError(f"method.disc_lr must be >= 0 (0 = train.lr), got {m.disc_lr}")
+    betas = list(m.disc_betas)
+    if betas and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
+        raise ValueError(f"method.disc_betas must be [] (= train.betas) or two numbers in [0, 1), got {betas}")
+
+
+def disc_optim(m) -> dict:
+    """The discriminator phase's optimiser overrides (cmkit.optim.phase_settings); unset keys follow train.*."""
+    out = {}
+    if m.disc_optimizer:
+        out["optimizer"] = m.disc_optimizer
+    if m.disc_lr > 0:
+        out["lr"] = m.disc_lr
+    if len(m.disc_betas):
+        out["betas"] = tuple(m.disc_betas)
+    return out
