@@ -61,6 +61,7 @@ class NetConfig:
     class_cond: bool = False  # condition on class labels (needs data.labels=true)
     guidance_cond: bool = False  # take the CFG scale w as an input (sCD with a guided teacher, sCM Sec. 5.2)
     modulation: str = "film"  # U-Net ResBlock conditioning: film (ADM AdaGN) | double_norm (sCM Sec. 4.1)
+    attention: str = "auto"  # attention kernel: auto | math | sdpa | blockwise | flash_jvp (cmkit.nets.attention)
 
 
 @dataclass
@@ -82,9 +83,11 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = leave PyTorch's default
     accumulate: int = 1  # micro-batches per rank per step (gradient accumulation); batch_size stays global
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling, CUDA only)
-    compile: bool = False  # torch.compile the backbone (no gain measured on CPU; sCM's JVP is not compilable)
+    compile: bool = False  # torch.compile the backbone (no gain measured on CPU; sCM: the student pass only, JVP eager)
     max_bad_steps: int = 10  # stop after this many consecutive steps skipped for non-finite loss/grad; 0 = never
     spike_factor: float = 0.0  # stop if the loss exceeds this × |running median| of recent losses; 0 = off
+    tf32: bool = False  # CUDA: TF32 matmuls/convolutions (EDM/EDM2 keep them off); sCM's tangent pass: method.jvp_tf32
+    channels_last: bool = False  # CUDA: channels-last memory format for the image backbone's convolutions
 
     def validate(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.accumulate < 1:

@@ -218,8 +218,9 @@ def test_dropout_masks_shared_between_tangent_and_student_pass(monkeypatch):
         real = obj.tangent
         monkeypatch.setattr(obj, "tangent", lambda *a, **k: (real(*a, **k)[0], torch.zeros(8, 2)))
         x0, z, t = (a.float() for a in _draw())
-        mse = obj.consistency_loss(x0, z, t)["loss"]
-        assert torch.all(mse == 0) == expect_zero  # F_θ = F_θ⁻ exactly iff the masks agree
+        out = obj.consistency_loss(x0, z, t)
+        assert (out["residual_rms"] == 0) == expect_zero  # the literal F_θ - F_θ⁻ is zero iff the masks agree
+        assert torch.all(out["loss"] == 0)  # the residual entering Eq. 8 is F_θ - sg(F_θ) = 0 (issue 15 item 5)
 
 
 def test_scd_needs_a_teacher_and_validation_errors():
@@ -614,9 +615,9 @@ def _captured_tangent(monkeypatch, obj, *args, **kwargs):
     seen = {}
     real = scm.normalize_tangent
 
-    def spy(g, kind, c=0.1):
+    def spy(g, kind, c=0.1, norm="l2"):
         seen["g"] = g.clone()
-        return real(g, kind, c)
+        return real(g, kind, c, norm)
 
     monkeypatch.setattr(scm, "normalize_tangent", spy)
     out = obj.consistency_loss(*args, **kwargs)
@@ -861,3 +862,47 @@ def test_scd_run_loads_and_resumes_without_its_teacher_run(tmp_path):
     with pytest.warns(UserWarning, match="saved in this run's checkpoint"):
         train(load_config(None, [*scd, "train.steps=3"]))
     assert latest_checkpoint(tmp_path / "scd" / "checkpoints")[1]["progress"]["step"] == 3
+
+
+# ----------------------------------------------------------------------------
+# Issue 15 item 5: under autocast the Eq. 8 residual F_θ - F_θ⁻ must be exactly zero.
+
+BF16_UNET = ["net.name=unet", "net.channels=32", "net.channel_mult=[1,2]", "net.num_blocks=1",
+             "net.attn_resolutions=[8]", "net.num_groups=8", "method.tangent_warmup=0",
+             "method.adaptive_weighting=true"]
+
+
+def _bf16_step(autocast: bool, monkeypatch):
+    import cmkit.objectives.scm as scm
+
+    torch.manual_seed(0)
+    obj = build_objective(load_config(None, ["method.name=sct", *BF16_UNET]), (3, 16, 16))
+    for p in obj.model.net.parameters():  # a trained-looking network: F and its tangent far from zero
+        torch.nn.init.normal_(p, std=0.1)
+    torch.nn.init.normal_(obj.weight_net.linear.weight, std=0.3)
+    seen = {}
+    real = scm.normalize_tangent
+    monkeypatch.setattr(scm, "normalize_tangent", lambda *a, **k: seen.setdefault("g", real(*a, **k)))
+    g = torch.Generator().manual_seed(1)
+    x0, z = torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 3, 16, 16, generator=g)
+    t = torch.rand(8, generator=g) * 1.3 + 0.1
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = obj.consistency_loss(x0, z, t)
+    params = list(obj.model.net.parameters())  # F_θ's gradient (w_φ's, O(1), would dominate the norm)
+    grads = torch.autograd.grad(out["loss"].mean(), params)
+    return out, seen["g"], torch.cat([gr.flatten() for gr in grads])
+
+
+def test_bf16_autocast_sct_residual_is_exactly_zero_and_gradient_matches_fp32(monkeypatch):
+    out16, g16, grad16 = _bf16_step(True, monkeypatch)
+    out32, g32, grad32 = _bf16_step(False, monkeypatch)
+    assert g16.dtype == torch.float32  # the tangent pass ran in fp32 (method.jvp_fp32)
+    assert out16["loss"].dtype == torch.float32  # w_φ and the loss in fp32
+    # The residual entering the loss is zero, though the bf16 student output differs from the fp32 F_θ⁻:
+    # Eq. 8's mse is exactly ‖g‖²/D.
+    torch.testing.assert_close(out16["mse"], g16.flatten(1).square().mean(1).mean(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out32["mse"], g32.flatten(1).square().mean(1).mean(), rtol=1e-6, atol=0)
+    # The θ-gradient -2 g·∇F_θ/D (+ w_φ's) equals the fp32 step's to bf16 backward precision.
+    rel = ((grad16 - grad32).norm() / grad32.norm()).item()
+    assert rel < 0.02, rel
+    assert out16["residual_rms"] > 1e-4 and out32["residual_rms"] == 0  # the literal F_θ - F_θ⁻, logged
