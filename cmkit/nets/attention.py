@@ -341,7 +341,12 @@ def flash_jvp_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = N
 
 
 def _in_transform(x: Tensor) -> bool:
-    """True when x carries a forward-mode tangent or is wrapped by a torch.func transform (jvp, vmap, grad)."""
+    """True when x carries a forward-mode tangent or is wrapped by a torch.func transform (jvp, vmap, grad).
+
+    Under torch.compile (the sCM student pass, never the JVP pass) this is False without asking functorch,
+    which dynamo cannot trace."""
+    if torch.compiler.is_compiling():
+        return False
     if torch._C._functorch.is_functorch_wrapped_tensor(x):
         return True
     try:
