@@ -182,3 +182,33 @@ def test_unet_sct_loss_and_gradient_same_with_blockwise_attention():
     assert n_m == 0 and n_b >= 4  # tangent and student passes both ran the blockwise kernel (2 attention layers)
     assert abs(loss_b.item() - loss_m.item()) <= 1e-5 * abs(loss_m.item())
     assert _rel(grad_b, grad_m) < 1e-5 and grad_m.norm() > 0
+
+
+INTERPRET = r"""
+import math, torch
+from cmkit.nets import attention as att
+g = torch.Generator().manual_seed(0)
+q, k, v, tq, tk, tv = (torch.randn(1, 2, 64, 32, generator=g) for _ in range(6))
+with att.attention_backend("flash_jvp"):
+    o, t = torch.func.jvp(att.attention, (q, k, v), (tq, tk, tv))
+ro, rt = torch.func.jvp(att.math_attention, (q, k, v), (tq, tk, tv))
+print(((o - ro).norm() / ro.norm()).item(), ((t - rt).norm() / rt.norm()).item())
+"""
+
+
+@pytest.mark.slow
+def test_flash_jvp_kernel_under_triton_interpreter():
+    """jvp-flash-attention's Triton kernel on CPU (TRITON_INTERPRET=1): output and tangent match math attention."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("jvp_flash_attention") is None or importlib.util.find_spec("triton") is None:
+        pytest.skip("jvp-flash-attention is not installed (optional extra cmkit[flash], CUDA machines)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-W", "ignore", "-c", INTERPRET], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    err_o, err_t = map(float, res.stdout.split())
+    assert err_o < 1e-5 and err_t < 1e-5
