@@ -165,13 +165,13 @@ def _sct_loss_and_grads(backend):
     for p in obj.model.net.parameters():  # zero-initialised projections would hide the attention
         torch.nn.init.normal_(p, std=0.15)
     torch.manual_seed(1)
-    x0 = torch.randn(4, 1, 8, 8)
+    x0 = torch.randn(2, 1, 8, 8)
     seen = []
     real = att.blockwise_attention
     att_calls = lambda *a: seen.append(1) or real(*a)  # noqa: E731
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(att, "blockwise_attention", att_calls)
-        loss = obj.loss({"x": x0}, Progress(0, 100, 4))["loss"].mean()
+        loss = obj.loss({"x": x0}, Progress(0, 100, 2))["loss"].mean()
     grads = torch.autograd.grad(loss, [p for p in obj.parameters() if p.requires_grad])
     return loss, torch.cat([g.flatten() for g in grads]), len(seen)
 

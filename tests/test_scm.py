@@ -906,3 +906,30 @@ def test_bf16_autocast_sct_residual_is_exactly_zero_and_gradient_matches_fp32(mo
     rel = ((grad16 - grad32).norm() / grad32.norm()).item()
     assert rel < 0.02, rel
     assert out16["residual_rms"] > 1e-4 and out32["residual_rms"] == 0  # the literal F_θ - F_θ⁻, logged
+
+
+def test_compile_student_compiles_the_student_pass_only():
+    """train.compile on sCM: dynamo traces the student pass; the tangent pass runs the eager network (its JVP
+    would fail compiled, MACHINE-NOTES §1); loss and gradients equal the uncompiled objective's."""
+    from torch._dynamo.utils import counters
+
+    results = []
+    for compiled in (False, True):
+        obj = _objective("method.tangent_warmup=0")
+        if compiled:
+            counters.clear()
+            obj.compile_student(backend="eager")  # dynamo only (inductor takes minutes on this CPU)
+            assert "_compiled" not in dict(obj.named_children()) and obj.state_dict().keys() == \
+                _objective("method.tangent_warmup=0").state_dict().keys()
+            calls, real = [], obj._compiled
+            obj.__dict__["_compiled"] = lambda *a, **k: calls.append(1) or real(*a, **k)
+        x0, z, t = (a.float() for a in _draw())
+        loss = obj.consistency_loss(x0, z, t)["loss"].mean()
+        grads = torch.autograd.grad(loss, list(obj.model.net.parameters()))
+        results.append((loss, grads))
+        if compiled:
+            assert counters["stats"]["unique_graphs"] >= 1  # the student pass went through dynamo ...
+            assert calls == [1]  # ... and only the student pass: the JVP ran the eager network
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b)
