@@ -933,3 +933,27 @@ def test_compile_student_compiles_the_student_pass_only():
     torch.testing.assert_close(results[1][0], results[0][0])
     for a, b in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_channels_last_sct_step_matches_contiguous():
+    """train.channels_last: NHWC conv weights and batches; the sCT step (JVP through GroupNorm and attention
+    included) gives the contiguous step's loss and gradient norm."""
+    from cmkit import distributed
+    from cmkit.train import Trainer
+
+    logs = {}
+    for cl in ("false", "true"):
+        cfg = load_config(None, ["data.name=digits", "method.name=sct", "net.name=unet", "net.channels=16",
+                                 "net.channel_mult=[1,2]", "net.num_blocks=1", "net.attn_resolutions=[4]",
+                                 "net.num_groups=4", "train.batch_size=8", "train.device=cpu", "train.threads=1",
+                                 f"train.channels_last={cl}", "run.progress=false", "run.tensorboard=false"])
+        torch.manual_seed(0)
+        trainer = Trainer(cfg, distributed.DistInfo(), torch.device("cpu"))
+        conv = trainer.objective.model.net.conv_out.weight  # (1, 16, 3, 3): NCHW and NHWC strides differ
+        assert conv.is_contiguous(memory_format=torch.channels_last) == (cl == "true")
+        torch.manual_seed(1)
+        logs[cl] = trainer.train_step(trainer.streams())
+    assert math.isfinite(float(logs["true"]["loss"]))
+    assert float(logs["true"]["loss"]) == pytest.approx(float(logs["false"]["loss"]), rel=1e-5)
+    assert logs["true"]["grad_norm"] == pytest.approx(logs["false"]["grad_norm"], rel=1e-4)
