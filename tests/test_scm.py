@@ -957,3 +957,13 @@ def test_channels_last_sct_step_matches_contiguous():
     assert math.isfinite(float(logs["true"]["loss"]))
     assert float(logs["true"]["loss"]) == pytest.approx(float(logs["false"]["loss"]), rel=1e-5)
     assert logs["true"]["grad_norm"] == pytest.approx(logs["false"]["grad_norm"], rel=1e-4)
+
+
+def test_tangent_norm_kind_rms_divides_by_the_per_element_rms():
+    g = torch.tensor([[3.0, 4.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # ‖g‖₂ = 5 and 2; D = 4, so RMS = 2.5 and 1
+    assert torch.allclose(normalize_tangent(g, "normalize", 0.1, "rms"), g / torch.tensor([[2.6], [1.1]]))
+    assert torch.allclose(normalize_tangent(g, "normalize", 0.1, "l2"), g / torch.tensor([[5.1], [2.1]]))
+    with pytest.raises(ConfigError, match="tangent_norm_kind"):
+        load_config(None, ["method.name=sct", "method.tangent_norm_kind=linf"])
+    obj = _objective("method.tangent_norm_kind=rms")
+    assert obj.cfg.tangent_norm_kind == "rms"

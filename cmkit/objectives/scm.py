@@ -59,8 +59,9 @@ class SCMConfig:
     weighting_dim: int = 128  # width of w_φ's positional time features
     tangent_norm: str = "normalize"  # normalize g/(‖g‖+c) | clip to [-1, 1] | none
     tangent_c: float = 0.1
-    # The norm of tangent normalisation: rms = ‖g‖₂/√D per sample (c and w_φ stay O(1) at any D) | l2 = ‖g‖₂
-    # over all D dimensions (cmkit before; c = 0.1 is inert at D = 3072). Measured on digits: docs/results.md.
+    # The norm of tangent normalisation: l2 = ‖g‖₂ over all D dimensions (the paper's form; c = 0.1 is nearly inert
+    # and w_φ drifts to ln D) | rms = ‖g‖₂/√D (c and w_φ stay O(1) at any D). Digits, 400 steps: an FD tie, so the
+    # paper's l2 stays the default (docs/results.md, "tangent normalisation's norm").
     tangent_norm_kind: str = "l2"
     tangent_warmup: int = 10000  # H: r = min(k/H, 1) multiplies the sin(t) term of Eq. 6 (or its discrete analogue); 0 = off
     discrete_steps: int = 0  # N > 0: discrete-time CM in TrigFlow on an N-step grid (Fig. 5c)
