@@ -935,7 +935,6 @@ def test_compile_student_compiles_the_student_pass_only():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.slow
 def test_channels_last_sct_step_matches_contiguous():
     """train.channels_last: NHWC conv weights and batches; the sCT step (JVP through GroupNorm and attention
     included) gives the contiguous step's loss and gradient norm."""
@@ -969,7 +968,6 @@ def test_tangent_norm_kind_rms_divides_by_the_per_element_rms():
     assert obj.cfg.tangent_norm_kind == "rms"
 
 
-@pytest.mark.slow
 def test_fp16_autocast_sct_residual_is_zero_and_gradient_matches_fp32(monkeypatch):
     """sCD's precision (fp16, the paper's): the same guarantees under fp16 autocast (CPU autocast; the loss
     scaling of train.precision=fp16 is CUDA-only; here the loss is scaled by hand as GradScaler does, 2^16)."""
