@@ -96,8 +96,44 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) 
     return torch.einsum("bhqk,bhkd->bhqd", s.softmax(dim=-1), v)
 
 
+class _SDPA(torch.autograd.Function):
+    """Fused SDPA whose backward is itself differentiable (ACT / CM-GAN gradient penalties: create_graph=True).
+
+    The fused kernels' backward has no derivative ("derivative for aten::_scaled_dot_product_flash_attention_
+    backward is not implemented"), so the backward recomputes the attention: with the fused kernel for a plain
+    backward (one extra attention forward, as activation checkpointing), with the math path when autograd
+    records the backward for a double backward (grad mode is on inside backward exactly then).
+    """
+
+    @staticmethod
+    def forward(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask = inputs
+        ctx.mask = mask
+        ctx.save_for_backward(q, k, v)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v = ctx.saved_tensors
+        double = torch.is_grad_enabled()
+        with torch.enable_grad():
+            qkv = [x if double else x.detach().requires_grad_() for x in (q, k, v)]
+            fn = math_attention if double else (lambda a, b, c, m: F.scaled_dot_product_attention(a, b, c, attn_mask=m))
+            o = fn(*qkv, ctx.mask)
+            grads = torch.autograd.grad(o, qkv, do, create_graph=double)
+        return (*grads, None)
+
+
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """PyTorch's fused scaled_dot_product_attention (flash / memory-efficient on CUDA); no forward-mode AD."""
+    """PyTorch's fused scaled_dot_product_attention (flash / memory-efficient on CUDA); no forward-mode AD.
+
+    Under autograd its backward is twice differentiable (:class:`_SDPA`), so gradient penalties work through it.
+    """
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return _SDPA.apply(q, k, v, _bool_mask(mask))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=_bool_mask(mask))
 
 
