@@ -132,7 +132,8 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) 
 
     Under autograd its backward is twice differentiable (:class:`_SDPA`), so gradient penalties work through it.
     """
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+    # Not under torch.compile (the sCM student pass, no double backward): dynamo traces the plain kernel.
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)) and not torch.compiler.is_compiling():
         return _SDPA.apply(q, k, v, _bool_mask(mask))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=_bool_mask(mask))
 
