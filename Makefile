@@ -6,6 +6,8 @@ BIN      = $(VENV)/bin
 # constrained to it so that no package upgrades torch or pulls CUDA wheels.
 TORCH   ?= torch==2.13.0
 STAMP    = $(VENV)/.installed
+# On a CUDA machine (nvidia-smi found) also the Triton JVP flash-attention kernel of sCM's tangent pass.
+GPU_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo ,flash)
 
 .PHONY: install demo test bench clean
 
@@ -14,7 +16,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -c constraints.txt -e ".[all]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[all$(GPU_EXTRA)]"
 	touch $(STAMP)
 
 install: $(STAMP)

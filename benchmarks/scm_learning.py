@@ -47,6 +47,9 @@ SCT_VARIANTS = {
     "sct": [],
     "sct_nonorm": ["method.tangent_norm=none"],
     "sct_noaw": ["method.adaptive_weighting=false"],
+    # issue 15: the norm of tangent normalisation, per-sample L2 over all D dimensions vs per-element RMS
+    "sct_l2": ["method.tangent_norm_kind=l2"],
+    "sct_rms": ["method.tangent_norm_kind=rms"],
 }
 
 

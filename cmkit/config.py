@@ -72,6 +72,7 @@ class NetConfig:
     dit: str = ""  # dit: a Peebles & Xie Table 1 preset (DiT-S/2 ... DiT-XL/8); "" = the net.* keys above
     channels_per_head: int = 64  # edm2: attention heads per block = block width / channels_per_head (EDM2)
     logvar_channels: int = 0  # edm2: width of EDM2's log-variance head (EDM2: 128), sCT/sCD's w_φ; 0 = none
+    attention: str = "auto"  # attention kernel: auto | math | sdpa | blockwise | flash_jvp (cmkit.nets.attention)
 
 
 @dataclass
@@ -93,9 +94,11 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = leave PyTorch's default
     accumulate: int = 1  # micro-batches per rank per step (gradient accumulation); batch_size stays global
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling, CUDA only)
-    compile: bool = False  # torch.compile the backbone (no gain measured on CPU; sCM's JVP is not compilable)
+    compile: bool = False  # torch.compile the backbone (no gain measured on CPU; sCM: the student pass only, JVP eager)
     max_bad_steps: int = 10  # stop after this many consecutive steps skipped for non-finite loss/grad; 0 = never
     spike_factor: float = 0.0  # stop if the loss exceeds this × |running median| of recent losses; 0 = off
+    tf32: bool = False  # CUDA: TF32 matmuls/convolutions (EDM/EDM2 keep them off); sCM's tangent pass: method.jvp_tf32
+    channels_last: bool = False  # CUDA: channels-last memory format for the image backbone's convolutions
 
     def validate(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.accumulate < 1:

@@ -27,6 +27,7 @@ from cmkit.data.prepared import BatchLoader, check_batch_fits, is_on_disk, loade
 from cmkit.latent import autoencoder_identity, check_autoencoder
 from cmkit.ema import EMA
 from cmkit.images import save_samples
+from cmkit.nets.attention import attention_backend
 from cmkit.objectives import build_objective
 from cmkit.rundir import prepare_run_dir
 from cmkit.runlog import RunLog
@@ -108,8 +109,15 @@ class Trainer:
             raise
         except ValueError as e:  # networks and objectives reject impossible combinations with ValueError
             raise ConfigError(f"cannot build method.name={cfg.method.name} with net.name={cfg.net.name}: {e}") from None
+        if device.type == "cuda":  # TF32 off by default (EDM/EDM2); sCM's tangent pass keeps it off (method.jvp_tf32)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tc.tf32
+        if tc.channels_last and len(self.dataset.shape) == 3:  # NHWC convolutions (tensor cores); batches follow
+            self.objective.to(memory_format=torch.channels_last)
         if tc.compile:  # in place: state_dict keys stay the same (MACHINE-NOTES: no CPU gain, JVP not compilable)
-            self.objective.model.net.compile()
+            if hasattr(self.objective, "compile_student"):  # sCM: the student pass only, the JVP stays eager
+                self.objective.compile_student()
+            else:
+                self.objective.model.net.compile()
         distributed.broadcast_module(self.objective, info)  # one starting point for every rank
         self.ema = EMA(self.objective.model, tc.ema)
         self.phases = self.objective.phases
@@ -227,7 +235,10 @@ class Trainer:
             return out
         for a, stream in enumerate(streams):
             idx = next(stream)
-            batch = {"x": self.dataset.x[idx].to(self.device, non_blocking=True)}
+            x = self.dataset.x[idx].to(self.device, non_blocking=True)
+            if self.cfg.train.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            batch = {"x": x}
             if self.dataset.labels is not None and self.cfg.net.class_cond:
                 batch["labels"] = self.dataset.labels[idx].to(self.device, non_blocking=True)
             out.append((batch, micro_seed(self.cfg.train.seed, draw, self.info.rank * len(streams) + a)))
@@ -248,7 +259,7 @@ class Trainer:
             last = a == len(micro) - 1
             sync = run.no_sync() if (not last and hasattr(run, "no_sync")) else contextlib.nullcontext()
             with sync:
-                with self.autocast():
+                with self.autocast(), attention_backend(self.cfg.net.attention):
                     out = run(batch, progress)
                 loss = out["loss"].float().mean()
                 scaler.scale(loss / len(micro)).backward()

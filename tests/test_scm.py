@@ -218,8 +218,9 @@ def test_dropout_masks_shared_between_tangent_and_student_pass(monkeypatch):
         real = obj.tangent
         monkeypatch.setattr(obj, "tangent", lambda *a, **k: (real(*a, **k)[0], torch.zeros(8, 2)))
         x0, z, t = (a.float() for a in _draw())
-        mse = obj.consistency_loss(x0, z, t)["loss"]
-        assert torch.all(mse == 0) == expect_zero  # F_θ = F_θ⁻ exactly iff the masks agree
+        out = obj.consistency_loss(x0, z, t)
+        assert (out["residual_rms"] == 0) == expect_zero  # the literal F_θ - F_θ⁻ is zero iff the masks agree
+        assert torch.all(out["loss"] == 0)  # the residual entering Eq. 8 is F_θ - sg(F_θ) = 0 (issue 15 item 5)
 
 
 def test_scd_needs_a_teacher_and_validation_errors():
@@ -614,9 +615,9 @@ def _captured_tangent(monkeypatch, obj, *args, **kwargs):
     seen = {}
     real = scm.normalize_tangent
 
-    def spy(g, kind, c=0.1):
+    def spy(g, kind, c=0.1, norm="l2"):
         seen["g"] = g.clone()
-        return real(g, kind, c)
+        return real(g, kind, c, norm)
 
     monkeypatch.setattr(scm, "normalize_tangent", spy)
     out = obj.consistency_loss(*args, **kwargs)
@@ -861,3 +862,121 @@ def test_scd_run_loads_and_resumes_without_its_teacher_run(tmp_path):
     with pytest.warns(UserWarning, match="saved in this run's checkpoint"):
         train(load_config(None, [*scd, "train.steps=3"]))
     assert latest_checkpoint(tmp_path / "scd" / "checkpoints")[1]["progress"]["step"] == 3
+
+
+# ----------------------------------------------------------------------------
+# Issue 15 item 5: under autocast the Eq. 8 residual F_θ - F_θ⁻ must be exactly zero.
+
+BF16_UNET = ["net.name=unet", "net.channels=32", "net.channel_mult=[1,2]", "net.num_blocks=1",
+             "net.attn_resolutions=[8]", "net.num_groups=8", "method.tangent_warmup=0",
+             "method.adaptive_weighting=true"]
+
+
+def _bf16_step(autocast: bool, monkeypatch, dtype=torch.bfloat16, loss_scale: float = 1.0):
+    import cmkit.objectives.scm as scm
+
+    torch.manual_seed(0)
+    obj = build_objective(load_config(None, ["method.name=sct", *BF16_UNET]), (3, 16, 16))
+    for p in obj.model.net.parameters():  # a trained-looking network: F and its tangent far from zero
+        torch.nn.init.normal_(p, std=0.1)
+    torch.nn.init.normal_(obj.weight_net.linear.weight, std=0.3)
+    seen = {}
+    real = scm.normalize_tangent
+    monkeypatch.setattr(scm, "normalize_tangent", lambda *a, **k: seen.setdefault("g", real(*a, **k)))
+    g = torch.Generator().manual_seed(1)
+    x0, z = torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 3, 16, 16, generator=g)
+    t = torch.rand(8, generator=g) * 1.3 + 0.1
+    with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+        out = obj.consistency_loss(x0, z, t)
+    params = list(obj.model.net.parameters())  # F_θ's gradient (w_φ's, O(1), would dominate the norm)
+    grads = torch.autograd.grad(out["loss"].mean() * loss_scale, params)
+    return out, seen["g"], torch.cat([gr.flatten() for gr in grads]) / loss_scale
+
+
+def test_bf16_autocast_sct_residual_is_exactly_zero_and_gradient_matches_fp32(monkeypatch):
+    out16, g16, grad16 = _bf16_step(True, monkeypatch)
+    out32, g32, grad32 = _bf16_step(False, monkeypatch)
+    assert g16.dtype == torch.float32  # the tangent pass ran in fp32 (method.jvp_fp32)
+    assert out16["loss"].dtype == torch.float32  # w_φ and the loss in fp32
+    # The residual entering the loss is zero, though the bf16 student output differs from the fp32 F_θ⁻:
+    # Eq. 8's mse is exactly ‖g‖²/D.
+    torch.testing.assert_close(out16["mse"], g16.flatten(1).square().mean(1).mean(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out32["mse"], g32.flatten(1).square().mean(1).mean(), rtol=1e-6, atol=0)
+    # The θ-gradient -2 g·∇F_θ/D (+ w_φ's) equals the fp32 step's to bf16 backward precision.
+    rel = ((grad16 - grad32).norm() / grad32.norm()).item()
+    assert rel < 0.02, rel
+    assert out16["residual_rms"] > 1e-4 and out32["residual_rms"] == 0  # the literal F_θ - F_θ⁻, logged
+
+
+def test_compile_student_compiles_the_student_pass_only():
+    """train.compile on sCM: dynamo traces the student pass; the tangent pass runs the eager network (its JVP
+    would fail compiled, MACHINE-NOTES §1); loss and gradients equal the uncompiled objective's."""
+    from torch._dynamo.utils import counters
+
+    results = []
+    for compiled in (False, True):
+        obj = _objective("method.tangent_warmup=0")
+        if compiled:
+            counters.clear()
+            obj.compile_student(backend="eager")  # dynamo only (inductor takes minutes on this CPU)
+            assert "_compiled" not in dict(obj.named_children()) and obj.state_dict().keys() == \
+                _objective("method.tangent_warmup=0").state_dict().keys()
+            calls, real = [], obj._compiled
+            obj.__dict__["_compiled"] = lambda *a, **k: calls.append(1) or real(*a, **k)
+        x0, z, t = (a.float() for a in _draw())
+        loss = obj.consistency_loss(x0, z, t)["loss"].mean()
+        grads = torch.autograd.grad(loss, list(obj.model.net.parameters()))
+        results.append((loss, grads))
+        if compiled:
+            assert counters["stats"]["unique_graphs"] >= 1  # the student pass went through dynamo ...
+            assert calls == [1]  # ... and only the student pass: the JVP ran the eager network
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_channels_last_sct_step_matches_contiguous():
+    """train.channels_last: NHWC conv weights and batches; the sCT step (JVP through GroupNorm and attention
+    included) gives the contiguous step's loss and gradient norm."""
+    from cmkit import distributed
+    from cmkit.train import Trainer
+
+    logs = {}
+    for cl in ("false", "true"):
+        cfg = load_config(None, ["data.name=digits", "method.name=sct", "net.name=unet", "net.channels=16",
+                                 "net.channel_mult=[1,2]", "net.num_blocks=1", "net.attn_resolutions=[4]",
+                                 "net.num_groups=4", "train.batch_size=8", "train.device=cpu", "train.threads=1",
+                                 f"train.channels_last={cl}", "run.progress=false", "run.tensorboard=false"])
+        torch.manual_seed(0)
+        trainer = Trainer(cfg, distributed.DistInfo(), torch.device("cpu"))
+        conv = trainer.objective.model.net.conv_out.weight  # (1, 16, 3, 3): NCHW and NHWC strides differ
+        assert conv.is_contiguous(memory_format=torch.channels_last) == (cl == "true")
+        torch.manual_seed(1)
+        logs[cl] = trainer.train_step(trainer.streams())
+    assert math.isfinite(float(logs["true"]["loss"]))
+    assert float(logs["true"]["loss"]) == pytest.approx(float(logs["false"]["loss"]), rel=1e-5)
+    assert logs["true"]["grad_norm"] == pytest.approx(logs["false"]["grad_norm"], rel=1e-4)
+
+
+def test_tangent_norm_kind_rms_divides_by_the_per_element_rms():
+    g = torch.tensor([[3.0, 4.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # ‖g‖₂ = 5 and 2; D = 4, so RMS = 2.5 and 1
+    assert torch.allclose(normalize_tangent(g, "normalize", 0.1, "rms"), g / torch.tensor([[2.6], [1.1]]))
+    assert torch.allclose(normalize_tangent(g, "normalize", 0.1, "l2"), g / torch.tensor([[5.1], [2.1]]))
+    with pytest.raises(ConfigError, match="tangent_norm_kind"):
+        load_config(None, ["method.name=sct", "method.tangent_norm_kind=linf"])
+    obj = _objective("method.tangent_norm_kind=rms")
+    assert obj.cfg.tangent_norm_kind == "rms"
+
+
+def test_fp16_autocast_sct_residual_is_zero_and_gradient_matches_fp32(monkeypatch):
+    """sCD's precision (fp16, the paper's): the same guarantees under fp16 autocast (CPU autocast; the loss
+    scaling of train.precision=fp16 is CUDA-only; here the loss is scaled by hand as GradScaler does, 2^16)."""
+    out32, _, grad32 = _bf16_step(False, monkeypatch)
+    rel = {}
+    for scale in (1.0, 2.0**16):
+        out16, g16, grad16 = _bf16_step(True, monkeypatch, torch.float16, scale)
+        assert out16["residual_rms"] > 0 and out16["loss"].dtype == torch.float32
+        torch.testing.assert_close(out16["mse"], g16.flatten(1).square().mean(1).mean(), rtol=1e-6, atol=0)
+        rel[scale] = ((grad16 - grad32).norm() / grad32.norm()).item()
+    assert rel[2.0**16] < 0.005, rel  # with loss scaling the fp16 gradient is the fp32 one ...
+    assert rel[1.0] > 0.1, rel  # ... without it, fp16 gradients of ~1e-4/D underflow (why sCD fp16 needs scaling)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from cmkit.config import ConfigError
+from cmkit.nets.attention import check_backend
 from cmkit.objectives.act import ACTConfig, AdversarialConsistencyTraining
 from cmkit.objectives.base import MethodSpec, Objective, Phase
 from cmkit.objectives.cmgan import CMGAN, CMGANConfig
@@ -63,13 +64,18 @@ def check_combination(cfg) -> None:
     """
     spec = METHODS[cfg.method.name]
     scm = issubclass(spec.objective, ContinuousConsistency)
+    try:
+        check_backend(getattr(cfg.net, "attention", "auto"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     # sCM Eq. 6 takes df/dt by torch.func.jvp; MACHINE-NOTES §1: a compiled backbone fails under the JVP
-    # (native GroupNorm: INTERNAL ASSERT ... _fw_primal; SDPA never compiles under a JVP), and no gain on CPU.
-    if scm and cfg.method.discrete_steps == 0 and cfg.train.compile:
+    # (native GroupNorm: INTERNAL ASSERT ... _fw_primal; SDPA never compiles under a JVP). So with train.compile
+    # sCM compiles the student pass only (ContinuousConsistency.compile_student) and the JVP stays eager; nothing
+    # to refuse. The sdpa kernel has no forward-mode AD at all:
+    if scm and cfg.method.discrete_steps == 0 and getattr(cfg.net, "attention", "auto") == "sdpa":
         raise ConfigError(
-            f"method.name={cfg.method.name} takes the tangent df/dt by forward-mode AD (torch.func.jvp, sCM Eq. 6), "
-            f"which fails through a torch.compile'd network; set train.compile=false (eager JVP is about as fast), "
-            f"or use method.discrete_steps=N for the discrete-time variant")
+            f"net.attention=sdpa has no forward-mode AD, and method.name={cfg.method.name} takes the tangent df/dt by "
+            f"torch.func.jvp (sCM Eq. 6): use net.attention=auto (SDPA outside the JVP, a JVP-capable kernel inside)")
     # Only sCM's objective feeds the guidance scale w to the student (sCM Sec. 5.2); any other method would
     # fail at its first forward pass with "this network takes a guidance scale".
     if cfg.net.guidance_cond and not scm:

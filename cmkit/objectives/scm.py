@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from cmkit.config import ConfigError
 from cmkit.model import Parameterized
 from cmkit.nets import build_network
+from cmkit.nets.attention import attention_backend
 from cmkit.nets.layers import PositionalEmbedding
 from cmkit.objectives.base import Objective, Phase, SharedDropout
 from cmkit.objectives.distillation import init_from_teacher, teacher_extra_state, teacher_or_saved
@@ -29,6 +30,7 @@ from cmkit.processes import TIME_TRANSFORMS, TrigFlow, _bcast
 from cmkit.schedules import Progress, tangent_warmup, trigflow_lognormal_times
 
 TANGENT_NORMS = ("normalize", "clip", "none")
+TANGENT_NORM_KINDS = ("rms", "l2")
 PRIOR_WEIGHTINGS = ("prior", "uniform")
 
 
@@ -57,10 +59,15 @@ class SCMConfig:
     weighting_dim: int = 128  # width of w_φ's positional time features
     tangent_norm: str = "normalize"  # normalize g/(‖g‖+c) | clip to [-1, 1] | none
     tangent_c: float = 0.1
+    # The norm of tangent normalisation: l2 = ‖g‖₂ over all D dimensions (the paper's form; c = 0.1 is nearly inert
+    # and w_φ drifts to ln D) | rms = ‖g‖₂/√D (c and w_φ stay O(1) at any D). Digits, 400 steps: an FD tie, so the
+    # paper's l2 stays the default (docs/results.md, "tangent normalisation's norm").
+    tangent_norm_kind: str = "l2"
     tangent_warmup: int = 10000  # H: r = min(k/H, 1) multiplies the sin(t) term of Eq. 6 (or its discrete analogue); 0 = off
     discrete_steps: int = 0  # N > 0: discrete-time CM in TrigFlow on an N-step grid (Fig. 5c)
     shared_dropout: bool = True  # identical dropout masks in the tangent pass and the student pass
     jvp_fp32: bool = True  # run the tangent pass with autocast disabled (Sec. 5.1 numerics)
+    jvp_tf32: bool = False  # CUDA: allow TF32 matmuls/convolutions in the tangent pass (off: 10-bit mantissa, see below)
     teacher: str = ""  # sCD: run directory of a TrigFlow diffusion model (method.name=trigflow)
     init_from_teacher: bool = True  # sCD: start the student from the teacher's weights (Sec. 4.2)
     # sCD with classifier-free guidance (Sec. 5.2): the teacher velocity is F(·,∅) + w·(F(·,c) - F(·,∅)) and
@@ -78,6 +85,7 @@ class SCMConfig:
     def validate(self) -> None:
         _choice("time_transform", self.time_transform, TIME_TRANSFORMS)
         _choice("tangent_norm", self.tangent_norm, TANGENT_NORMS)
+        _choice("tangent_norm_kind", self.tangent_norm_kind, TANGENT_NORM_KINDS)
         _choice("weighting", self.weighting, PRIOR_WEIGHTINGS)
         if self.sigma_data <= 0 or self.p_std <= 0 or self.tangent_c < 0:
             raise ValueError("method.sigma_data and method.p_std must be > 0, method.tangent_c >= 0")
@@ -133,8 +141,13 @@ class NetLogvar(nn.Module):
         return self._net[0].logvar(self.process.c_noise(t.float()))
 
 
-def normalize_tangent(g: Tensor, kind: str, c: float = 0.1) -> Tensor:
-    """sCM Sec. 4.2 'Tangent Normalization': g/(‖g‖₂ + c) per sample, or clip(g, -1, 1), or g.
+def normalize_tangent(g: Tensor, kind: str, c: float = 0.1, norm: str = "l2") -> Tensor:
+    """sCM Sec. 4.2 'Tangent Normalization': g/(‖g‖ + c) per sample, or clip(g, -1, 1), or g.
+
+    ‖g‖ is ``norm``: 'l2', the Euclidean norm over all D dimensions as the paper writes it, or 'rms',
+    ‖g‖₂/√D (per-element root mean square). With l2 the normalised g has elements of size 1/√D, so c = 0.1
+    (the paper's value) is negligible against ‖g‖ ~ √D and w_φ's optimum drifts to ln D; rms keeps both O(1)
+    (issue 15's deviation; measured in docs/results.md, "tangent normalisation's norm").
 
     g is the weighted tangent of the loss (cos t·df⁻/dt under the prior weighting), as in the published
     paper's Algorithm 1 (App. A, not in the extracted text), which normalises g after forming it. The
@@ -143,7 +156,12 @@ def normalize_tangent(g: Tensor, kind: str, c: float = 0.1) -> Tensor:
     likewise bounds cos t·df⁻/dt here, df⁻/dt in the text.
     """
     if kind == "normalize":
-        return g / (g.flatten(1).norm(dim=1).reshape(-1, *[1] * (g.ndim - 1)) + c)
+        n = g.flatten(1).norm(dim=1)
+        if norm == "rms":
+            n = n / math.sqrt(g[0].numel())
+        elif norm != "l2":
+            raise ValueError(f"tangent norm '{norm}' is not valid. Choose one of: {', '.join(TANGENT_NORM_KINDS)}")
+        return g / (n.reshape(-1, *[1] * (g.ndim - 1)) + c)
     if kind == "clip":
         return g.clamp(-1.0, 1.0)
     return g
@@ -162,6 +180,8 @@ class ContinuousConsistency(Objective):
         if m.adaptive_weighting and getattr(self.model.net, "has_logvar", False):  # hook: the net's own w_φ (edm2)
             self.weight_net = NetLogvar(self.model.net, self.process)
         self.teacher = None
+        self.attention = getattr(cfg.net, "attention", "auto")  # net.attention (cmkit.nets.attention)
+        self._compiled = None  # the torch.compile'd student pass (compile_student), not a registered submodule
         self.num_classes = num_classes if cfg.net.class_cond else 0
         self.guidance_input = cfg.net.guidance_cond
         self.sample_guidance = m.guidance if cfg.net.guidance_cond else None
@@ -172,6 +192,20 @@ class ContinuousConsistency(Objective):
             self.set_teacher(teacher_or_saved(cfg, self.process, tuple(shape)))
             if m.init_from_teacher:  # diffusion fine-tuning (Sec. 4.2): same backbone, its weights
                 init_from_teacher(self.model, self.teacher)
+
+    def compile_student(self, **kwargs) -> None:
+        """torch.compile the student pass only; the tangent pass (torch.func.jvp) keeps the eager network.
+
+        MACHINE-NOTES §1: a compiled network fails under the JVP (GroupNorm's forward-AD formula, SDPA), so the
+        backbone is not compiled in place; the compiled wrapper shares its parameters and is not registered,
+        so state_dict keys do not change.
+        """
+        self.__dict__["_compiled"] = torch.compile(self.model.net, **kwargs)
+
+    def student(self, x_scaled: Tensor, c_noise: Tensor, labels=None, guidance: Tensor | None = None) -> Tensor:
+        """The student pass F_θ(x_t/σ_d, c_noise(t)[, w]) with gradients: compiled if compile_student() ran."""
+        net = self._compiled if self._compiled is not None else self.model.net
+        return net(x_scaled, c_noise, labels, guidance=guidance)
 
     def set_teacher(self, teacher: nn.Module) -> None:
         """Use a TrigFlow diffusion model (output = velocity dx_t/dt, Eq. 3) as the sCD teacher."""
@@ -253,7 +287,11 @@ class ContinuousConsistency(Objective):
             return self._F(x_scaled, tt, labels, guidance)
 
         autocast_off = torch.autocast(x_t.device.type, enabled=False) if self.cfg.jvp_fp32 else _null()
-        with autocast_off:
+        # Sec. 5.1: the JVP through attention takes the JVP-capable kernel (cmkit.nets.attention); on CUDA, TF32
+        # stays off here unless method.jvp_tf32: TF32 keeps 10 mantissa bits (~1e-3 relative), and the tangent
+        # dF/dt is small next to F, is divided by its norm (Sec. 4.2) and enters the loss undamped.
+        tf32 = _tf32(self.cfg.jvp_tf32) if x_t.is_cuda else _null()
+        with autocast_off, tf32, attention_backend(self.attention, jvp=True):
             F_minus, jvp = torch.func.jvp(F, (x_t / sd, t), (csb * dxdt, cs * sd))
         g = -lc * (sd * F_minus - dxdt) - r * (csb * x_t + jvp)
         return F_minus, g
@@ -325,18 +363,26 @@ class ContinuousConsistency(Objective):
             with dropout.record():
                 F_minus, g = self.tangent(x_t, t, dxdt, labels, r, guidance, lam)
         raw_norm = g.flatten(1).norm(dim=1)
-        g = normalize_tangent(g, m.tangent_norm, m.tangent_c)
-        with dropout.replay():
-            F_theta = self._F(x_t / sd, t, labels, guidance)
-        # Eq. 8: e^{w_φ}/D·‖F_θ - F_θ⁻ - g‖² - w_φ.
-        mse = (F_theta.float() - F_minus.float() - g.float()).flatten(1).square().mean(1)
-        out = {"mse": mse.detach().mean(), "tangent_norm": raw_norm.mean(), "r": r}
-        if self.weight_net is not None:
-            w = self.weight_net(t)
-            out["loss"] = torch.exp(w) * mse - w
-            out["w_phi"] = w.detach().mean()
-        else:
-            out["loss"] = mse
+        g = normalize_tangent(g, m.tangent_norm, m.tangent_c, m.tangent_norm_kind)
+        with dropout.replay(), attention_backend(self.attention, jvp=False):
+            F_theta = self.student(x_t / sd, self.process.c_noise(t), labels, guidance=guidance)
+        # Eq. 8: e^{w_φ}/D·‖F_θ - F_θ⁻ - g‖² - w_φ, in float32 (issue 15 item 5). Sec. 4.2's identity
+        # ∇E[F_θᵀg] = ½∇E‖F_θ - F_θ⁻ + g‖² holds because F_θ⁻ = sg(F_θ) in value; under autocast the bf16/fp16
+        # student output and the fp32 tangent-pass output differ by the precision error, a spurious target.
+        # So the residual entering the loss is F_θ - sg(F_θ): exactly zero, gradient ∇F_θ. The literal
+        # difference F_θ - F_θ⁻ (precision error, or different dropout masks) is logged as 'residual_rms'.
+        with torch.autocast(x_t.device.type, enabled=False):
+            F32 = F_theta.float()
+            residual = F32 - F32.detach()
+            mse = (residual - g.float()).flatten(1).square().mean(1)
+            out = {"mse": mse.detach().mean(), "tangent_norm": raw_norm.mean(), "r": r,
+                   "residual_rms": (F32.detach() - F_minus.float()).square().mean().sqrt()}
+            if self.weight_net is not None:
+                w = self.weight_net(t.float())
+                out["loss"] = torch.exp(w) * mse - w
+                out["w_phi"] = w.detach().mean()
+            else:
+                out["loss"] = mse
         return out
 
     def loss(self, batch, progress: Progress) -> dict:
@@ -348,6 +394,21 @@ class ContinuousConsistency(Objective):
         z = torch.randn_like(x0)
         w = self.sample_guidance_scales(x0.shape[0], x0.device, x0.dtype)
         return self.consistency_loss(x0, z, t.to(x0.dtype), labels, progress, w)
+
+
+def _tf32(allow: bool):
+    """Scope CUDA's TF32 switches (matmul and cuDNN convolutions) to ``allow``, restoring them after."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    return scope()
 
 
 class _null:
