@@ -299,14 +299,18 @@ def read_images(path: str | Path) -> Tensor:
             else:
                 with np.load(path, allow_pickle=False) as f:
                     keys = list(f.keys())
+                    if not keys:
+                        raise DataError(f"'{path}' is an .npz file that holds no arrays; save the images under key 'x'")
                     key = next((k for k in ("x", "samples") if k in keys), keys[0] if len(keys) == 1 else None)
                     if key is None:
                         raise DataError(f"'{path}' holds {', '.join(keys)}; save the images under key 'x'")
                     arr = f[key]
         except DataError:
             raise
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read '{path}' as a numpy array: {e}") from None
+        except Exception as e:  # ValueError, OSError, EOFError, BadZipFile... for broken files
+            from cmkit.data.arrays import not_numpy_message
+
+            raise DataError(not_numpy_message(path, e)) from None
         x = torch.from_numpy(arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0))
     else:
         from PIL import Image
