@@ -72,8 +72,13 @@ def config_summary(cfg) -> str:
     """One line for the terminal: method, network, data, budget, device and run directory."""
     net = cfg.net.name + (f" {cfg.net.channels}ch" if cfg.net.name != "mlp" else f" {cfg.net.hidden}x{cfg.net.depth}")
     data = cfg.data.name + (f" {cfg.data.path}" if cfg.data.path else "") + (" (latents)" if cfg.data.vae else "")
+    import os
+
+    env = os.environ.get("OMP_NUM_THREADS")
+    threads = (f", threads OMP_NUM_THREADS={env} (train.threads={cfg.train.threads} not applied)"
+               if env and cfg.train.threads > 0 else "")
     return (f"cmkit: method {cfg.method.name}, net {net}, data {data}, {cfg.train.steps} steps x batch "
-            f"{cfg.train.batch_size}, {cfg.train.optimizer} lr {cfg.train.lr:g}, device {cfg.train.device}; "
+            f"{cfg.train.batch_size}, {cfg.train.optimizer} lr {cfg.train.lr:g}, device {cfg.train.device}{threads}; "
             f"full config in {Path(cfg.run.dir) / 'config.yaml'} (--verbose prints it)")
 
 

@@ -354,17 +354,11 @@ def periodic_eval(trainer: Trainer, evaluator, log: RunLog) -> None:
     log.write(trainer.step, trainer.nimg, {f"eval/{k}": v for k, v in metrics.items()})
 
 
-def set_threads(threads: int, verbose: bool = True) -> None:
-    """train.threads > 0 sets torch's CPU threads, unless the user chose OMP_NUM_THREADS (which then wins)."""
-    if threads <= 0:
-        return
-    env = os.environ.get("OMP_NUM_THREADS")
-    if env:
-        if verbose and env.strip() != str(threads):
-            print(f"cmkit: OMP_NUM_THREADS={env} is set, so train.threads={threads} is not applied "
-                  f"(unset OMP_NUM_THREADS to use train.threads)", file=sys.stderr)
-        return
-    torch.set_num_threads(threads)
+def set_threads(threads: int) -> None:
+    """train.threads > 0 sets torch's CPU threads, unless the user chose OMP_NUM_THREADS (which then wins;
+    `cmkit train` says so in its one-line summary)."""
+    if threads > 0 and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(threads)
 
 
 def _version() -> str:
@@ -389,7 +383,7 @@ def train(cfg: Config, *, force: bool = False, stop_after: int | None = None) ->
 
 def _train(cfg: Config, info: distributed.DistInfo, force: bool, stop_after: int | None) -> Path:
     device = resolve_device(cfg.train.device, info.local_rank)
-    set_threads(cfg.train.threads, info.is_main)
+    set_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed * 1_000_003 + info.rank)
     run_dir = Path(cfg.run.dir)
     trainer = Trainer(cfg, info, device)  # validates config, data and networks before any file is touched
