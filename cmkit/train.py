@@ -44,7 +44,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SPIKE_WINDOW, SPIKE_MIN = 100, 20  # running median over the last 100 good losses, judged after 20
 STABILISERS = (
-    "a lower train.lr (e.g. half), train.grad_clip=1.0, train.precision=fp32, and for sCM "
+    "a lower train.lr (e.g. half), train.grad_clip=1.0, train.precision=fp32, train.optimizer=adam if the loss is "
+    "large from the first steps (RAdam's first 5 steps are plain SGD steps that scale with the loss), and for sCM "
     "method.tangent_norm=normalize (tangent normalisation) with a longer method.tangent_warmup"
 )
 

@@ -58,6 +58,8 @@ def _images(path: Path, channels: int, n: int = 64) -> Path:
 def smoke(tmp_path_factory):
     """smoke(config_path) -> run directory of its 20-step run (trained once per module, teachers first)."""
     root = tmp_path_factory.mktemp("smoke")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: a second thread only adds contention (restored below)
     done: dict[str, Path] = {}
     by_dir = {}
     for p in CONFIGS:
@@ -99,7 +101,8 @@ def smoke(tmp_path_factory):
         done[path.stem] = train(cfg, stop_after=STEPS)  # the first steps of the preset's own schedules
         return done[path.stem]
 
-    return run
+    yield run
+    torch.set_num_threads(threads)
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -126,3 +129,54 @@ def test_every_config_trains_at_small_size(path, smoke):
     x = run.sample(2, steps=2)
     assert torch.isfinite(x).all()
     assert len(list((run_dir / "checkpoints").glob("ckpt-*.safetensors"))) == 2  # step 10 and the final one
+
+
+# ----------------------------------------------------------------------------
+# configs/edm_mnist.yaml diverged with RAdam (loss 1758 -> NaN by step 4): the cause and the fix.
+
+
+@pytest.mark.parametrize("name, scales", [("radam", True), ("adam", False)])
+def test_radam_first_steps_scale_with_the_loss_adam_steps_do_not(name, scales):
+    # RAdam (Liu et al. 2020, Alg. 2): while the variance is not tractable (ρ_t ≤ 5 in PyTorch, the first 5 steps at
+    # β2 = 0.999) the update is θ -= lr·m̂_t, plain momentum SGD: it grows with the loss's scale. Adam's first step
+    # is lr·g/(|g| + ε) ≈ lr·sign(g), whatever the scale. A loss summed over 784 pixels is ~1000x a per-pixel mean.
+    from cmkit.optim import OPTIMIZERS
+
+    g = torch.tensor([3.0, -0.5, 0.01])
+    moved = []
+    for scale in (1.0, 1000.0):
+        w = torch.zeros(3, requires_grad=True)
+        opt = OPTIMIZERS[name]([w], lr=1e-3)
+        (scale * (g * w).sum()).backward()
+        opt.step()
+        moved.append(-w.detach())
+    if scales:  # hand-derived: m̂_1 = g·scale, so the step is lr·scale·g
+        assert torch.allclose(moved[0], 1e-3 * g) and torch.allclose(moved[1], 1e-3 * 1000 * g)
+    else:
+        assert torch.allclose(moved[0], 1e-3 * g.sign(), rtol=1e-4) and torch.allclose(moved[1], moved[0], rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", [None, "radam"])
+def test_edm_mnist_preset_first_steps_do_not_diverge(tmp_path, optimizer):
+    # The preset at its real size (U-Net 32 channels, 28x28 MNIST, lr 5e-4) for its first 6 steps, batch 8:
+    # with the preset's Adam the loss falls; forcing RAdam reproduces the divergence this preset had.
+    from cmkit import distributed
+    from cmkit.train import Trainer
+
+    extra = [f"train.optimizer={optimizer}"] if optimizer else []
+    cfg = load_config("configs/edm_mnist.yaml", ["train.batch_size=8", f"run.dir={tmp_path}", *extra])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        trainer = Trainer(cfg, distributed.DistInfo(), torch.device("cpu"))
+        streams = trainer.streams()
+        losses = [float(trainer.train_step(streams)["loss"]) for _ in range(6)]
+    finally:
+        torch.set_num_threads(threads)
+    if optimizer is None:
+        assert cfg.train.optimizer == "adam"
+        assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    else:
+        assert not (losses[-1] < 10 * losses[0]), losses  # the un-rectified RAdam steps blow up (or go NaN)
