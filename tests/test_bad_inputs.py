@@ -243,3 +243,49 @@ def test_ctrl_c_right_after_start_in_a_real_process(tmp_path):
         raise
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert p.returncode in (0, 130), (p.returncode, err)  # 0: stopped after a step with a checkpoint
+
+
+# ----------------------------------------------------------------------------
+# What a new user sees.
+
+
+def test_toy_samples_are_drawn_over_the_data_with_axes(toy_run):
+    from PIL import Image
+
+    img = np.asarray(Image.open(toy_run / "samples_1step.png").convert("RGB")).astype(int)
+    grey = (np.abs(img - 185).max(-1) <= 2).sum()  # reference data points
+    blue = (np.abs(img - np.array([30, 60, 200])).max(-1) <= 2).sum()  # samples
+    black = (img.max(-1) == 0).sum()  # frame, ticks, tick labels
+    assert grey > 100 and blue > 10 and black > 4 * 384, (grey, blue, black)
+
+
+def test_progress_bar_shows_the_loss_from_the_first_step_and_the_end_is_announced(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    rc, err = cli(capsys, "train", *TOY, "run.progress=true", "run.log_every=100", "train.steps=3",
+                  f"run.dir={tmp_path}")
+    assert rc == 0
+    first = err.replace("\r", "\n").split("\n")
+    assert any("1/3" in line and "loss=" in line for line in first), err  # before the first log record (step 100)
+    assert "step 3: writing the final checkpoint and samples (1-step, n=8)" in err
+
+
+def test_train_threads_leaves_a_users_omp_num_threads_alone(tmp_path, capsys, monkeypatch):
+    from cmkit.train import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        set_threads(2)
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        set_threads(2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    from cmkit.cli import config_summary
+    from cmkit.configure import load_config
+
+    line = config_summary(load_config("configs/ict_toy.yaml"))
+    assert "OMP_NUM_THREADS=1 (train.threads=2 not applied)" in line and line.count("\n") == 0
