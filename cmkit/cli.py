@@ -52,14 +52,18 @@ def _check_device(name: str, flag: str = "--device") -> str:
     return name
 
 
-def _check_times(times: list[float] | None, t_max: float, flag: str = "--times") -> None:
-    """Explicit sampling times: positive, strictly descending, none above the process's t_max."""
+def _check_times(times: list[float] | None, run, flag: str = "--times") -> None:
+    """Explicit sampling times: positive (an EDM ODE grid may end at 0), strictly descending, none above t_max."""
     from cmkit.config import ConfigError
 
     if not times:
         return
-    if any(not (t > 0) for t in times):  # also NaN
-        raise ConfigError(f"{flag} {' '.join(f'{t:g}' for t in times)}: every time must be > 0")
+    t_max = run.model().process.t_max
+    final_zero = run.objective.sample_times(1)[-1] == 0  # EDM's Euler/Heun grids end at σ = 0
+    positive = times[:-1] if final_zero and times[-1] == 0 else times
+    if any(not (t > 0) for t in positive):  # also NaN
+        raise ConfigError(f"{flag} {' '.join(f'{t:g}' for t in times)}: every time must be > 0"
+                          + (" (the last may be 0)" if final_zero else ""))
     if any(b >= a for a, b in zip(times, times[1:])):
         raise ConfigError(f"{flag} {' '.join(f'{t:g}' for t in times)} must decrease strictly (highest noise "
                           f"first), e.g. {flag} {t_max:g} {t_max / 100:.3g}")
@@ -110,7 +114,7 @@ def cmd_sample(args) -> int:
     _positive(args.n, "--n", "number of samples")
     _check_device(args.device)
     run = load(args.run, args.checkpoint, device=args.device)
-    _check_times(args.times, run.model().process.t_max)
+    _check_times(args.times, run)
     x = run.sample(args.n, args.steps, times=args.times, seed=args.seed, ema=not args.no_ema, guidance=args.guidance)
     save_samples(x, args.out, run.dataset.kind, reference=run.dataset)
     steps = len(args.times) if args.times else args.steps
@@ -167,7 +171,7 @@ def cmd_edit(args) -> int:
         raise ConfigError(f"--sigma {args.sigma} must be > 0: the input's noise std in [0, 1] pixel units (denoise)")
     _check_device(args.device)
     run = load(args.run, args.checkpoint, device=args.device)
-    _check_times(args.times, run.model().process.t_max)
+    _check_times(args.times, run)
     x = read_images(args.input) if args.input else None
     mask = read_mask(args.mask) if args.mask else None
     out, view = edit_run(run, args.task, x, mask=mask, steps=args.steps, times=args.times, sigma=args.sigma,
@@ -240,6 +244,7 @@ def cmd_train_ae(args) -> int:
     from cmkit.data import load_dataset
     from cmkit.latent.autoencoder import AEConfig, save_autoencoder, train_autoencoder
 
+    _check_device(args.device)
     data = dataclasses.replace(_data_config(args.config, args.overrides).data, vae="")
     ds = load_dataset(data)
     if ds.kind != "image":
@@ -326,6 +331,7 @@ def add_inspect_data(sub) -> None:
 def cmd_eval(args) -> int:
     from cmkit.evaluation import evaluate_run, format_table
 
+    _check_device(args.device)
     report = evaluate_run(args.run, args.steps, args.n, features=args.features, k=args.k, seed=args.seed,
                           inception_weights=args.inception_weights, reference=args.reference,
                           checkpoint=args.checkpoint, device=args.device, ema=not args.no_ema, out=args.out)
