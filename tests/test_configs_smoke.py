@@ -23,12 +23,13 @@ from cmkit.config import load_config
 
 CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
 STEPS = 20
+BATCH = 4
 RUN_KEYS = ("teacher", "init_from")  # method keys that name another run's directory
 GREY = ("mnist", "digits")  # bundled greyscale sets; every other image preset gets 3 channels
 SIDE = 16  # tiny images: 16x16 (latent runs: 8x8 latents of a one-level autoencoder)
 
 COMMON = [
-    "train.batch_size=8", "train.accumulate=1", "train.device=cpu", "train.threads=0",
+    f"train.batch_size={BATCH}", "train.accumulate=1", "train.device=cpu", "train.threads=0",
     "train.precision=fp32", "train.compile=false", "train.max_bad_steps=3",
     "run.log_every=1", "run.checkpoint_every=10", "run.sample_every=0", "run.milestone_every=0", "run.sample_n=4",
     "run.tensorboard=false", "run.progress=false", "eval.every_nimg=0",
@@ -125,7 +126,7 @@ def test_every_config_trains_at_small_size(path, smoke):
     first, last = np.mean(np.abs(losses[:5])), np.mean(np.abs(losses[-5:]))
     assert last <= 10 * first + 1e-3, f"{path.stem}: loss grew from {first:.4g} to {last:.4g}: {losses}"
     run = load(run_dir)
-    assert run.nimg == STEPS * 8
+    assert run.nimg == STEPS * BATCH
     x = run.sample(2, steps=2)
     assert torch.isfinite(x).all()
     assert len(list((run_dir / "checkpoints").glob("ckpt-*.safetensors"))) == 2  # step 10 and the final one
