@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 
 def train(config, **kwargs):
     """Train from a Config (or a YAML path); see cmkit.train.train."""
-    from cmkit.config import Config, load_config
+    from cmkit.config import Config
+    from cmkit.configure import load_config
     from cmkit.train import train as _train
 
     if not isinstance(config, Config):

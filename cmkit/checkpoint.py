@@ -2,12 +2,14 @@
 
 Nested state (module and optimiser state dicts, RNG states, progress) is flattened: tensor
 leaves go into the safetensors payload, everything else into a JSON skeleton stored in the
-file's metadata. Loading therefore never executes code. Writes are atomic: temporary file,
+file's metadata. Loading therefore never executes code, and checks every tensor's dtype, shape
+and bytes against the table and digest cmkit wrote beside them. Writes are atomic: temporary file,
 flush, fsync, rename, fsync of the directory; the last K files are kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -129,11 +131,47 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def payload_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """BLAKE2b over every tensor's name, dtype, shape and bytes: a changed header dtype or a flipped bit shows."""
+    h = hashlib.blake2b(digest_size=16)
+    for key in sorted(tensors):
+        t = tensors[key]
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tensor_table(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
+    """{name: [dtype, shape]} as cmkit wrote them, kept in the JSON header beside safetensors' own table."""
+    return {k: [str(t.dtype).removeprefix("torch."), list(t.shape)] for k, t in tensors.items()}
+
+
+def _check_payload(info: dict, tensors: dict[str, torch.Tensor]) -> str | None:
+    """What differs between the tensors read and those cmkit wrote (dtype, shape, bytes), or None.
+
+    Checkpoints written before cmkit recorded the table and digest pass unchecked.
+    """
+    table = info.get("tensors")
+    if table is not None:
+        got = tensor_table(tensors)
+        if not isinstance(table, dict) or set(table) != set(got):
+            return "its tensor list differs from the one cmkit wrote"
+        for k in sorted(table):
+            if not isinstance(table[k], list) or table[k] != got[k]:
+                return (f"tensor {k} reads as {got[k][0]} {got[k][1]} but was written as "
+                        f"{table[k][0]} {table[k][1]} (the file's header was changed)")
+    digest = info.get("digest")
+    if digest is not None and digest != payload_digest(tensors):
+        return "its tensor bytes do not match the digest written with them (the file was changed or corrupted)"
+    return None
+
+
 def save_checkpoint(directory: Path, nimg: int, state: dict, meta: dict, keep: int = 3) -> Path:
     """Save state (nested dicts of tensors and scalars) atomically; prune to the last ``keep`` files."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = flatten(state, tensors)
-    header = {"format": FORMAT, "meta": meta, "state": skeleton}
+    header = {"format": FORMAT, "meta": meta, "state": skeleton, "tensors": tensor_table(tensors),
+              "digest": payload_digest(tensors)}
     data = st_save(tensors, metadata={"cmkit": json.dumps(header)})
     path = checkpoint_path(directory, nimg)
     atomic_write_bytes(path, data)
@@ -157,10 +195,10 @@ def keep_milestone(path: Path) -> Path:
     return target
 
 
-def remove_temporaries(directory: Path) -> list[Path]:
-    """Delete the ``.ckpt-*.tmp`` files a process killed during a save leaves behind; return them."""
+def remove_temporaries(directory: Path, pattern: str = ".ckpt-*.tmp") -> list[Path]:
+    """Delete the ``.ckpt-*.tmp`` files (or others matching pattern) a process killed during a save leaves behind."""
     directory = Path(directory)
-    stale = sorted(directory.glob(".ckpt-*.tmp")) if directory.is_dir() else []
+    stale = sorted(directory.glob(pattern)) if directory.is_dir() else []
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
@@ -210,7 +248,8 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
         ) from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is a safetensors file but not a cmkit checkpoint ({FORMAT})")
-    damaged = ("state" not in info and "it has no state") or _check_meta(info.get("meta", {}))
+    damaged = ("state" not in info and "it has no state") or _check_meta(info.get("meta", {})) \
+        or _check_payload(info, tensors)
     try:
         state = None if damaged else unflatten(info["state"], tensors)
     except CheckpointError as e:

@@ -25,15 +25,77 @@ def _user_errors() -> tuple[type, ...]:
 # Subcommands.
 
 
+def _positive(value, flag: str, what: str, minimum: int = 1) -> None:
+    """Refuse a numeric option below minimum, naming the option and its meaning."""
+    from cmkit.config import ConfigError
+
+    if value is not None and value < minimum:
+        raise ConfigError(f"{flag} {value} must be >= {minimum} ({what})")
+
+
+def _check_device(name: str, flag: str = "--device") -> str:
+    """A device string that exists on this machine, or a ConfigError naming the option."""
+    import re
+
+    import torch
+
+    from cmkit.config import ConfigError
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"{flag} {name} is not a device. Use cpu, cuda or cuda:N")
+    if name.startswith("cuda"):
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{flag} {name} but no CUDA GPU is visible on this machine. Use {flag} cpu")
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"{flag} {name} but only {torch.cuda.device_count()} GPU(s) are visible")
+    return name
+
+
+def _check_times(times: list[float] | None, run, flag: str = "--times") -> None:
+    """Explicit sampling times: positive (an EDM ODE grid may end at 0), strictly descending, none above t_max."""
+    from cmkit.config import ConfigError
+
+    if not times:
+        return
+    t_max = run.model().process.t_max
+    final_zero = run.objective.sample_times(1)[-1] == 0  # EDM's Euler/Heun grids end at σ = 0
+    positive = times[:-1] if final_zero and times[-1] == 0 else times
+    if any(not (t > 0) for t in positive):  # also NaN
+        raise ConfigError(f"{flag} {' '.join(f'{t:g}' for t in times)}: every time must be > 0"
+                          + (" (the last may be 0)" if final_zero else ""))
+    if any(b >= a for a, b in zip(times, times[1:])):
+        raise ConfigError(f"{flag} {' '.join(f'{t:g}' for t in times)} must decrease strictly (highest noise "
+                          f"first), e.g. {flag} {t_max:g} {t_max / 100:.3g}")
+    if times[0] > t_max * (1 + 1e-6):
+        raise ConfigError(f"{flag} starts at {times[0]:g}, above the largest time the model was trained on "
+                          f"({t_max:g}); start at or below it")
+
+
+def config_summary(cfg) -> str:
+    """One line for the terminal: method, network, data, budget, device and run directory."""
+    net = cfg.net.name + (f" {cfg.net.channels}ch" if cfg.net.name != "mlp" else f" {cfg.net.hidden}x{cfg.net.depth}")
+    data = cfg.data.name + (f" {cfg.data.path}" if cfg.data.path else "") + (" (latents)" if cfg.data.vae else "")
+    import os
+
+    env = os.environ.get("OMP_NUM_THREADS")
+    threads = (f", threads OMP_NUM_THREADS={env} (train.threads={cfg.train.threads} not applied)"
+               if env and cfg.train.threads > 0 else "")
+    return (f"cmkit: method {cfg.method.name}, net {net}, data {data}, {cfg.train.steps} steps x batch "
+            f"{cfg.train.batch_size}, {cfg.train.optimizer} lr {cfg.train.lr:g}, device {cfg.train.device}{threads}; "
+            f"full config in {Path(cfg.run.dir) / 'config.yaml'} (--verbose prints it)")
+
+
 def cmd_train(args) -> int:
     from cmkit import distributed
-    from cmkit.config import load_config
+    from cmkit.configure import load_config
     from cmkit.train import train
 
+    _positive(args.stop_after, "--stop-after", "steps to run in this job before stopping with a checkpoint")
     cfg = load_config(args.config, args.overrides)
     main_rank = distributed.init(cfg.train.device).is_main  # under torchrun, only rank 0 prints
     if main_rank:
-        print(cfg.to_yaml(), end="")
+        print(cfg.to_yaml().rstrip("\n") if args.verbose else config_summary(cfg), flush=True)
     run_dir = train(cfg, force=args.force, stop_after=args.stop_after)
     if main_rank:
         print(f"cmkit: run written to {run_dir}")
@@ -48,10 +110,16 @@ def cmd_sample(args) -> int:
         from cmkit.config import ConfigError
 
         raise ConfigError(f"--out '{args.out}' must end in .png (image grid) or .npz (raw samples)")
+    _positive(args.steps, "--steps", "sampling steps; 1 = one-step generation")
+    _positive(args.n, "--n", "number of samples")
+    _check_device(args.device)
     run = load(args.run, args.checkpoint, device=args.device)
+    _check_times(args.times, run)
     x = run.sample(args.n, args.steps, times=args.times, seed=args.seed, ema=not args.no_ema, guidance=args.guidance)
-    save_samples(x, args.out, run.dataset.kind)
-    print(f"cmkit: {args.n} samples ({args.steps}-step) written to {args.out}")
+    save_samples(x, args.out, run.dataset.kind, reference=run.dataset)
+    steps = len(args.times) if args.times else args.steps
+    how = f"times {' '.join(f'{t:g}' for t in args.times)}" if args.times else f"{steps}-step"
+    print(f"cmkit: {args.n} samples ({how}) written to {args.out}")
     return 0
 
 
@@ -61,6 +129,7 @@ def add_train(sub) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100 run.dir=runs/x")
     p.add_argument("--force", action="store_true", help="start over in a run directory that holds another run")
     p.add_argument("--stop-after", type=int, default=None, help="end this job after N steps (resume later)")
+    p.add_argument("--verbose", action="store_true", help="print the whole resolved config (else one line)")
     p.set_defaults(func=cmd_train)
 
 
@@ -95,7 +164,14 @@ def cmd_edit(args) -> int:
         raise ConfigError(f"--out '{args.out}' must end in .png (image grid) or .npz (arrays 'samples', 'inputs')")
     if args.task == "interpolate" and args.input:
         raise ConfigError("--task interpolate takes no --input: it interpolates between --seeds A B")
+    if args.task == "interpolate":
+        _positive(args.n, "--n", "points along the interpolation path, both ends included", minimum=2)
+    _positive(args.steps, "--steps", "noise levels of the edit")
+    if args.sigma < 0 or args.sigma != args.sigma:
+        raise ConfigError(f"--sigma {args.sigma} must be > 0: the input's noise std in [0, 1] pixel units (denoise)")
+    _check_device(args.device)
     run = load(args.run, args.checkpoint, device=args.device)
+    _check_times(args.times, run)
     x = read_images(args.input) if args.input else None
     mask = read_mask(args.mask) if args.mask else None
     out, view = edit_run(run, args.task, x, mask=mask, steps=args.steps, times=args.times, sigma=args.sigma,
@@ -105,6 +181,8 @@ def cmd_edit(args) -> int:
     if path.suffix == ".npz":
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, samples=out.numpy(), inputs=view.numpy())
+    elif args.task == "interpolate" and run.dataset.kind == "image":  # one path, one row: A ... B
+        save_samples(out, path, run.dataset.kind, nrow=len(out))
     elif args.task == "interpolate" or not args.compare:
         save_samples(out, path, run.dataset.kind)
     else:  # rows: degraded input, result
@@ -147,7 +225,8 @@ def add_edit(sub) -> None:
 
 def _data_config(config: str | None, overrides: list[str]):
     """The data section of a YAML config with data.key=value overrides (other sections are ignored)."""
-    from cmkit.config import ConfigError, load_config
+    from cmkit.config import ConfigError
+    from cmkit.configure import load_config
 
     if config is not None and "=" in config and not Path(config).is_file():  # no config file, only overrides
         config, overrides = None, [config, *overrides]
@@ -165,6 +244,7 @@ def cmd_train_ae(args) -> int:
     from cmkit.data import load_dataset
     from cmkit.latent.autoencoder import AEConfig, save_autoencoder, train_autoencoder
 
+    _check_device(args.device)
     data = dataclasses.replace(_data_config(args.config, args.overrides).data, vae="")
     ds = load_dataset(data)
     if ds.kind != "image":
@@ -251,6 +331,7 @@ def add_inspect_data(sub) -> None:
 def cmd_eval(args) -> int:
     from cmkit.evaluation import evaluate_run, format_table
 
+    _check_device(args.device)
     report = evaluate_run(args.run, args.steps, args.n, features=args.features, k=args.k, seed=args.seed,
                           inception_weights=args.inception_weights, reference=args.reference,
                           checkpoint=args.checkpoint, device=args.device, ema=not args.no_ema, out=args.out)
@@ -380,6 +461,14 @@ def _show_warning(default):
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while torch and cmkit are still being imported, or during start-up
+        print("cmkit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     # key=value overrides may also follow options (`cmkit train CFG --force train.steps=10`).
@@ -407,7 +496,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # disk full, permissions, missing files outside the checks above
         if args.debug:
             raise
-        print(f"cmkit: error: {e}. Rerun with --debug for the traceback.", file=sys.stderr)
+        import errno
+
+        what = f"{e.strerror or e}" + (f": '{e.filename}'" if e.filename else "")
+        hint = (" Free disk space, then re-run the same command: it resumes from the last checkpoint."
+                if e.errno in (errno.ENOSPC, errno.EDQUOT) else " Rerun with --debug for the traceback.")
+        print(f"cmkit: error: {what}.{hint}", file=sys.stderr)
         return 1
     except Exception as e:  # a bug: one paragraph by default, the traceback with --debug
         if args.debug:

@@ -9,17 +9,21 @@ Unknown keys and wrong types fail early with the list of valid keys.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A configuration problem the user can fix; the message says how."""
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # train.device values (resolve_device checks that CUDA is there)
 
 
 # ----------------------------------------------------------------------------
@@ -41,6 +45,13 @@ class DataConfig:
     vae: str = ""  # autoencoder directory (cmkit train-ae or diffusers AutoencoderKL): train on its latents
     loader_workers: int = 0  # data.name=prepared: DataLoader worker processes reading batches (0 = in the training process)
     verify: str = "auto"  # data.name=prepared: full (sha256 of every chunk at start) | size (sizes only) | auto (full up to 4 GiB)
+
+    def validate(self) -> None:
+        for key in ("pad_to", "resolution", "workers"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"data.{key}={getattr(self, key)} must be >= 0 (0 = off / default)")
+        if self.n < 1:
+            raise ValueError(f"data.n={self.n} must be >= 1 (points drawn for the toy sets)")
 
 
 @dataclass
@@ -109,6 +120,18 @@ class TrainConfig:
             raise ValueError("train.eps must be > 0 and train.lr_ref_nimg >= 0 (0 = no inverse-sqrt decay)")
         if self.max_bad_steps < 0 or self.spike_factor < 0:
             raise ValueError("train.max_bad_steps and train.spike_factor must be >= 0")
+        bad = [r for r in self.ema if not 0 <= r < 1]
+        if not self.ema or bad:
+            raise ValueError(f"train.ema={self.ema}: EMA decay rates must be in [0, 1) and at least one is needed, "
+                             f"e.g. train.ema=[0.9999]")
+        if not 0 <= self.ema_sample < len(self.ema):
+            raise ValueError(f"train.ema_sample={self.ema_sample} must index train.ema (0..{len(self.ema) - 1})")
+        if not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"train.device='{self.device}' is not a device. Use auto, cpu, cuda or cuda:N")
+        if self.threads < 0:
+            raise ValueError(f"train.threads={self.threads} must be >= 0 (0 = PyTorch's default or OMP_NUM_THREADS)")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas={self.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
 
 
 @dataclass
@@ -123,6 +146,21 @@ class RunConfig:
     sample_n: int = 64
     tensorboard: bool = True
     progress: bool = True  # progress bar on the terminal
+
+    def validate(self) -> None:
+        if not self.dir.strip():
+            raise ValueError("run.dir is empty. Name the run directory, e.g. run.dir=runs/my_run")
+        if self.log_every < 1:
+            raise ValueError(f"run.log_every={self.log_every} must be >= 1 (steps between log records)")
+        for key in ("sample_every", "checkpoint_every", "milestone_every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"run.{key}={getattr(self, key)} must be >= 0 (0 = only at the end / never)")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"run.keep_checkpoints={self.keep_checkpoints} must be >= 0 (0 keeps every checkpoint)")
+        if any(k < 1 for k in self.sample_steps):
+            raise ValueError(f"run.sample_steps={self.sample_steps}: step counts must be >= 1, e.g. [1, 2]")
+        if self.sample_n < 1:
+            raise ValueError(f"run.sample_n={self.sample_n} must be >= 1 (samples per grid)")
 
 
 @dataclass
@@ -304,10 +342,12 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def from_dict(raw: dict) -> Config:
-    """Build and validate a Config from a nested dict (a parsed YAML file)."""
-    from cmkit.objectives import METHODS  # local: objectives import config types
+def build_config(raw: dict | None, methods: Mapping[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict (a parsed YAML file).
 
+    ``methods`` maps method names to specs with ``config`` (the method's dataclass) and ``preset``
+    (cmkit.objectives.METHODS); it is passed in so that the config types never import the objectives.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -323,26 +363,44 @@ def from_dict(raw: dict) -> Config:
         raise ConfigError("section 'method' must be a mapping with at least 'name', e.g. method: {name: ict}")
     method_raw = dict(method_raw)
     name = method_raw.setdefault("name", "ict")
-    if not isinstance(name, str) or name not in METHODS:
-        raise ConfigError(f"unknown method.name '{name}'. Valid methods: {', '.join(sorted(METHODS))}")
-    spec = METHODS[name]
+    if not isinstance(name, str) or name not in methods:
+        raise ConfigError(f"unknown method.name '{name}'. Valid methods: {', '.join(sorted(methods))}")
+    spec = methods[name]
     base = spec.config(**{**spec.preset, "name": name})
     sections["method"] = build_section(spec.config, method_raw, "method", base=base)
     return Config(**sections)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from defaults) and apply ``key=value`` overrides."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist. Pass a YAML file, e.g. configs/ict_toy.yaml")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file '{p}' must hold a mapping of sections, got {type(raw).__name__}")
-    raw = _merge(raw, parse_overrides(overrides or []))
-    return from_dict(raw)
+def read_config_file(path: str | Path) -> dict:
+    """The sections of a YAML config file; a missing, empty or malformed file is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        hint = " (it is a directory)" if p.is_dir() else ""
+        raise ConfigError(f"config file '{p}' does not exist{hint}. Pass a YAML file, e.g. configs/ict_toy.yaml")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{p}' cannot be read ({e}). Pass a YAML text file") from None
+    if raw is None:  # an empty file would silently train the defaults
+        raise ConfigError(f"config file '{p}' is empty. Fill in its sections (see configs/ict_toy.yaml), or run "
+                          f"without a file to train the defaults on purpose: cmkit train section.key=value ...")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def merge_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """raw with ``section.key=value`` overrides applied."""
+    return _merge(raw, parse_overrides(overrides or []))
+
+
+def __getattr__(name: str):
+    """``from cmkit.config import load_config, from_dict`` (README, user code): they live in cmkit.configure,
+    which sits above the config types and the method registry, so importing this module never imports objectives."""
+    if name in ("load_config", "from_dict"):
+        from cmkit import configure
+
+        return getattr(configure, name)
+    raise AttributeError(f"module 'cmkit.config' has no attribute '{name}'")

@@ -286,7 +286,7 @@ def read_images(path: str | Path) -> Tensor:
     """An image file (PNG/JPG/BMP) or a .npy/.npz array as (n, C, H, W) float in [0, 1].
 
     Arrays may be (H, W), (n, H, W), (n, C, H, W) or (n, H, W, C), uint8 or float in [0, 1]
-    (floats outside [0, 1] are kept, e.g. noisy inputs); a .npz is read from key 'x', 'samples'
+    (the range is checked per task by edit_run: a noisy input may overshoot); a .npz is read from key 'x', 'samples'
     or its only array.
     """
     path = Path(path).expanduser()
@@ -299,14 +299,18 @@ def read_images(path: str | Path) -> Tensor:
             else:
                 with np.load(path, allow_pickle=False) as f:
                     keys = list(f.keys())
+                    if not keys:
+                        raise DataError(f"'{path}' is an .npz file that holds no arrays; save the images under key 'x'")
                     key = next((k for k in ("x", "samples") if k in keys), keys[0] if len(keys) == 1 else None)
                     if key is None:
                         raise DataError(f"'{path}' holds {', '.join(keys)}; save the images under key 'x'")
                     arr = f[key]
         except DataError:
             raise
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read '{path}' as a numpy array: {e}") from None
+        except Exception as e:  # ValueError, OSError, EOFError, BadZipFile... for broken files
+            from cmkit.data.arrays import not_numpy_message
+
+            raise DataError(not_numpy_message(path, e)) from None
         x = torch.from_numpy(arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0))
     else:
         from PIL import Image
@@ -325,14 +329,27 @@ def read_images(path: str | Path) -> Tensor:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
         x = x.permute(0, 3, 1, 2)
-    if x.ndim != 4 or x.shape[1] not in (1, 3) or not torch.isfinite(x).all():
-        raise DataError(f"'{path}' gives shape {tuple(x.shape)}; expected finite images (n, C, H, W) with C in 1, 3")
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise DataError(f"'{path}' gives shape {tuple(x.shape)}; expected images (n, C, H, W) with C in 1, 3")
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise DataError(f"'{path}' holds {bad} NaN/inf value(s); images need finite values in [0, 1]")
     return x.contiguous()
+
+
+def check_input_range(x: Tensor, what: str, slack: float = 0.0) -> None:
+    """Refuse values outside [0, 1] (± slack: a noisy input for denoising may overshoot a little)."""
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -slack or hi > 1 + slack:
+        allowed = "[0, 1]" if not slack else f"[{-slack:.3g}, {1 + slack:.3g}] (a noisy version of [0, 1] data)"
+        raise DataError(f"{what} spans [{lo:g}, {hi:g}]; it must lie in {allowed}: save uint8 images (0..255) "
+                        f"or floats in [0, 1]")
 
 
 def read_mask(path: str | Path) -> Tensor:
     """A mask image or array as (n, 1, H, W) bool, True (white, > 0.5) where pixels are to be generated."""
     m = read_images(path)
+    check_input_range(m, f"the mask '{path}'")
     return (m.mean(1, keepdim=True) > 0.5) if m.shape[1] == 3 else (m > 0.5)
 
 
@@ -402,6 +419,11 @@ def edit_run(run, task: str, x: Tensor | None = None, *, mask: Tensor | None = N
     if x is None:
         raise ConfigError(f"--task {task} needs --input (an image or .npz of images)")
     c, h, w = ds.shape
+    if task == "denoise" and sigma <= 0:
+        raise ConfigError(f"--task denoise needs --sigma > 0 (got {sigma:g}): the input's noise std in [0, 1] "
+                          f"pixel units, e.g. --sigma 0.1")
+    # Inputs are data-space images in [0, 1]; a noisy input for denoising may overshoot by a few noise stds.
+    check_input_range(x, "the input", slack=6 * sigma if task == "denoise" else 0.0)
     if task == "denoise" and steps not in (None, 1):
         raise ConfigError("--task denoise takes one step at the input's noise level; add lower levels with --times")
     if task != "denoise":

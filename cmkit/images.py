@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
+REFERENCE_POINTS = 2000  # data points drawn under the samples of a 2-D plot
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, min_size: int = 32) -> np.ndarray:
-    """Tile (n, C, H, W) images in [0, 1] into one uint8 (H', W', C) array, upscaled if tiny."""
+    """Tile (n, C, H, W) images in [0, 1] into one uint8 (H', W', C) array, upscaled if tiny; nrow images per row."""
     n, c, h, w = images.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     ncol = math.ceil(n / nrow)
@@ -27,31 +29,87 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, min_size: int = 32
     return grid
 
 
-def scatter_png(points: torch.Tensor, size: int = 384, lim: float | None = None) -> Image.Image:
-    """Draw the first two coordinates of (n, D) points on a white square."""
-    p = points[:, :2].float().numpy()
-    lim = lim or float(max(np.abs(p).max() * 1.1, 1e-3)) if len(p) else 1.0
-    img = Image.new("RGB", (size, size), "white")
+def _ticks(lim: float) -> list[float]:
+    """A few round tick values in [-lim, lim] (1, 2 or 5 times a power of ten apart)."""
+    raw = lim / 2
+    base = 10 ** math.floor(math.log10(raw))
+    step = next(m * base for m in (1, 2, 5, 10) if m * base >= raw)
+    k = math.floor(lim / step)
+    return [i * step for i in range(-k, k + 1)]
+
+
+def scatter_png(points: torch.Tensor, size: int = 384, lim: float | None = None,
+                reference: torch.Tensor | None = None) -> Image.Image:
+    """Plot the first two coordinates of (n, D) points over the data (grey) with axes, ticks and a legend."""
+    p = points[:, :2].float().cpu().numpy()
+    ref = reference[:, :2].float().cpu().numpy() if reference is not None and len(reference) else None
+    if lim is None:
+        spread = [np.abs(a).max() for a in (p, ref) if a is not None and len(a)]
+        lim = float(max(max(spread) * 1.1, 1e-3)) if spread else 1.0
+    margin = 40  # left and bottom: tick labels
+    img = Image.new("RGB", (size + margin + 8, size + margin + 8), "white")
     draw = ImageDraw.Draw(img)
-    xy = (p / lim * 0.5 + 0.5) * (size - 1)
-    for x, y in xy:
-        if 0 <= x < size and 0 <= y < size:
-            draw.ellipse([x - 1.5, size - 1 - y - 1.5, x + 1.5, size - 1 - y + 1.5], fill=(30, 60, 200))
+    font = ImageFont.load_default()
+    x0, y0 = margin, 8  # top-left corner of the plot area
+
+    def to_px(a: np.ndarray) -> np.ndarray:
+        return np.stack([x0 + (a[:, 0] / lim * 0.5 + 0.5) * (size - 1),
+                         y0 + (0.5 - a[:, 1] / lim * 0.5) * (size - 1)], 1)
+
+    draw.rectangle([x0, y0, x0 + size - 1, y0 + size - 1], outline=(0, 0, 0))
+    for t in _ticks(lim):
+        u = x0 + (t / lim * 0.5 + 0.5) * (size - 1)
+        v = y0 + (0.5 - t / lim * 0.5) * (size - 1)
+        draw.line([u, y0 + size - 1, u, y0 + size + 3], fill=(0, 0, 0))
+        draw.line([x0 - 4, v, x0, v], fill=(0, 0, 0))
+        draw.line([u, y0, u, y0 + size - 1], fill=(235, 235, 235))
+        draw.line([x0, v, x0 + size - 1, v], fill=(235, 235, 235))
+        label = f"{t:g}"
+        draw.text((u - 3 * len(label), y0 + size + 5), label, fill=(0, 0, 0), font=font)
+        draw.text((x0 - 6 - 6 * len(label), v - 5), label, fill=(0, 0, 0), font=font)
+    draw.rectangle([x0, y0, x0 + size - 1, y0 + size - 1], outline=(0, 0, 0))
+    inside = lambda u, v: x0 <= u < x0 + size and y0 <= v < y0 + size  # noqa: E731
+    if ref is not None:
+        for u, v in to_px(ref):
+            if inside(u, v):
+                draw.ellipse([u - 1.2, v - 1.2, u + 1.2, v + 1.2], fill=(185, 185, 185))
+    for u, v in to_px(p):
+        if inside(u, v):
+            draw.ellipse([u - 1.5, v - 1.5, u + 1.5, v + 1.5], fill=(30, 60, 200))
+    legend = [("samples", (30, 60, 200))] + ([("data", (185, 185, 185))] if ref is not None else [])
+    for i, (name, colour) in enumerate(legend):
+        ly = y0 + 6 + 14 * i
+        draw.ellipse([x0 + 8, ly + 2, x0 + 14, ly + 8], fill=colour)
+        draw.text((x0 + 18, ly), name, fill=(0, 0, 0), font=font)
     return img
 
 
-def save_samples(samples: torch.Tensor, path: str | Path, kind: str) -> Path:
-    """Save samples in data space: .png (grid or scatter) or .npz (array ``samples``)."""
+def _reference_points(reference) -> torch.Tensor | None:
+    """Data points in data space from a cmkit Dataset (or a tensor of points), at most REFERENCE_POINTS."""
+    if reference is None:
+        return None
+    if torch.is_tensor(reference):
+        return reference[:REFERENCE_POINTS].reshape(min(len(reference), REFERENCE_POINTS), -1)
+    x = reference.x[:REFERENCE_POINTS]
+    return reference.to_data_space(x).reshape(len(x), -1).cpu()
+
+
+def save_samples(samples: torch.Tensor, path: str | Path, kind: str, *, reference=None,
+                 nrow: int | None = None) -> Path:
+    """Save samples in data space: .png (grid, or scatter over the reference data) or .npz (array ``samples``).
+
+    ``reference``: the run's Dataset (or data points) drawn under 2-D samples; ``nrow``: images per grid row.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npz":
         np.savez(path, samples=samples.cpu().numpy())
     elif path.suffix == ".png":
         if kind == "image":
-            grid = image_grid(samples.cpu())
+            grid = image_grid(samples.cpu(), nrow=nrow)
             Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
         else:
-            scatter_png(samples.cpu().reshape(len(samples), -1)).save(path)
+            scatter_png(samples.cpu().reshape(len(samples), -1), reference=_reference_points(reference)).save(path)
     else:
         raise ValueError(f"output '{path}' must end in .png (grid) or .npz (raw samples)")
     return path

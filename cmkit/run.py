@@ -8,7 +8,8 @@ import torch
 import yaml
 
 from cmkit.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
-from cmkit.config import ConfigError, from_dict
+from cmkit.config import ConfigError
+from cmkit.configure import from_dict
 from cmkit.data import load_dataset
 from cmkit.latent import check_autoencoder
 from cmkit.ema import EMA
@@ -31,6 +32,8 @@ class Run:
                     f"Train first: cmkit train CONFIG run.dir={self.dir}"
                 )
             _, state, meta = found
+        if checkpoint is not None:
+            check_checkpoint_belongs(self.dir, Path(checkpoint), meta)
         raw = meta.get("config") or yaml.safe_load((self.dir / "config.yaml").read_text())
         self.cfg = from_dict(raw)
         # The run may have moved since it was written: objectives that read their own checkpoint (a CD
@@ -74,6 +77,35 @@ class Run:
                            seed=seed, device=self.device, batch_size=batch_size, class_labels=class_labels,
                            guidance=guidance)
         return self.dataset.to_data_space(x) if data_space else x
+
+
+def check_checkpoint_belongs(run_dir: Path, checkpoint: Path, meta: dict) -> None:
+    """Refuse a checkpoint whose config differs from the run directory's (config.yaml, else its latest checkpoint).
+
+    Keys a resume may change (train.steps, run.*, ...) are ignored, as for a resumed run (cmkit.rundir).
+    """
+    from cmkit.rundir import config_differences
+
+    own = None
+    try:
+        own = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        pass
+    if not isinstance(own, dict):
+        try:
+            found = latest_checkpoint(run_dir / "checkpoints")
+        except CheckpointError:
+            found = None
+        own = found[2].get("config") if found is not None else None
+    if not isinstance(own, dict) or not isinstance(meta.get("config"), dict):
+        return  # nothing to compare with: the checkpoint defines the run
+    diffs = config_differences(own, meta["config"])
+    if diffs:
+        home = checkpoint.resolve().parent.parent
+        home = home.parent if home.name == "checkpoints" else home  # checkpoints/milestones/ckpt-...
+        raise CheckpointError(
+            f"checkpoint '{checkpoint}' belongs to another run than '{run_dir}'; differing keys: {'; '.join(diffs)}. "
+            f"Pass the checkpoint's own run directory (probably '{home}') or a checkpoint of '{run_dir}'")
 
 
 def load(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu") -> Run:

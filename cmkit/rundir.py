@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from cmkit.checkpoint import CheckpointError, latest_checkpoint, remove_temporaries
+from cmkit.checkpoint import CheckpointError, atomic_write_bytes, latest_checkpoint, remove_temporaries
 from cmkit.config import Config, ConfigError
 
 # Keys that may differ between a run directory's config and a resumed run's config.
@@ -63,14 +63,19 @@ def check_same_run(run_dir: Path, cfg: Config) -> None:
         except CheckpointError as e:
             raise CheckpointError(f"{e}. Restore a checkpoint there, choose another run.dir, or "
                                   + _force_hint(run_dir)) from None
-        if old is not None:
+        if old is not None:  # the checkpoint carries the config: an unreadable config.yaml beside it is rewritten
             _refuse(run_dir, f"checkpoint {old[0].name}", config_differences(old[2].get("config", {}), new))
+            return
     path = run_dir / "config.yaml"
     if path.is_file():  # e.g. a run killed before its first checkpoint
         try:
-            saved = yaml.safe_load(path.read_text())
-        except yaml.YAMLError:
-            saved = None
+            text = path.read_text()
+            saved = yaml.safe_load(text)
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            text, saved = "x", None
+        if not text.strip():  # a disk that filled up while the first config.yaml was written: nothing to keep
+            print(f"cmkit: {path} is empty (a run interrupted while writing it); writing it again", file=sys.stderr)
+            return
         if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
             raise ConfigError(f"run directory '{run_dir}' holds a config.yaml that is not a cmkit config. Choose "
                               f"another run.dir, or " + _force_hint(run_dir) + ".")
@@ -98,13 +103,31 @@ def prepare_run_dir(run_dir: Path, cfg: Config, force: bool) -> None:
     Called only once the config, data and networks are known to be valid, so a bad command
     never touches an existing run's files.
     """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.dir='{run_dir}' is a file, not a directory. Choose another run.dir "
+                          f"(e.g. run.dir={run_dir}_run) or move the file away")
     if force:
         moved = move_old_run(run_dir)  # without reading its checkpoints: they may all be corrupt
         if moved is not None:
             print(f"cmkit: --force: moved the previous run's files to {moved}", file=sys.stderr)
     else:
         check_same_run(run_dir, cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
     for p in remove_temporaries(run_dir / "checkpoints"):
         print(f"cmkit: removed {p.name}, left by a process killed during a save", file=sys.stderr)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    for p in remove_temporaries(run_dir, ".config.yaml.*.tmp"):
+        print(f"cmkit: removed {p.name}, left by a process killed while writing config.yaml", file=sys.stderr)
+    write_config(run_dir, cfg)
+
+
+def write_config(run_dir: Path, cfg: Config) -> Path:
+    """RUN/config.yaml, atomically (a full disk leaves the old file or none, never a truncated one).
+
+    A failure names the path: OSError with filename set (cmkit's CLI prints it with the fix).
+    """
+    path = run_dir / "config.yaml"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, cfg.to_yaml().encode())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+    return path

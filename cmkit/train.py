@@ -47,11 +47,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SPIKE_WINDOW, SPIKE_MIN = 100, 20  # running median over the last 100 good losses, judged after 20
 STABILISERS = (
-    "a lower train.lr (e.g. half), train.grad_clip=1.0, train.precision=fp32, and for sCM "
+    "a lower train.lr (e.g. half), train.grad_clip=1.0, train.precision=fp32, train.optimizer=adam if the loss is "
+    "large from the first steps (RAdam's first 5 steps are plain SGD steps that scale with the loss), and for sCM "
     "method.tangent_norm=normalize (tangent normalisation) with a longer method.tangent_warmup"
 )
 
 
+TOY_SETS = ("eight_gaussians", "two_moons", "swiss_roll", "checkerboard", "gaussian")  # data.n sets their size
 MODEL_PHASE = "model"  # the phase that steps the consistency model (objectives name it so; see objectives/*.py)
 
 
@@ -98,6 +100,11 @@ class Trainer:
         if is_on_disk(self.dataset):  # prepared data: fail before the run directory is touched
             check_batch_fits(self.dataset, tc.batch_size)
             loader_workers(cfg.data)
+        if tc.batch_size > len(self.dataset):  # an epoch-free index stream cannot fill a batch larger than the data
+            raise ConfigError(
+                f"train.batch_size={tc.batch_size} is larger than the dataset ({len(self.dataset)} samples of "
+                f"data.name={cfg.data.name}); set train.batch_size <= {len(self.dataset)}"
+                + (" or draw more toy points with data.n" if cfg.data.name in TOY_SETS else ""))
         if cfg.net.class_cond and self.dataset.num_classes == 0:
             raise ConfigError("net.class_cond=true needs labelled data: set data.labels=true (digits, mnist, array with y)")
         num_classes = self.dataset.num_classes if cfg.net.class_cond else 0
@@ -366,9 +373,10 @@ class Trainer:
         rc = self.cfg.run
         for k in rc.sample_steps:
             x = self.samples(k, rc.sample_n, seed=self.cfg.train.seed)
-            save_samples(x, run_dir / "samples" / f"{self.nimg:012d}_{k}step.png", self.dataset.kind)
+            save_samples(x, run_dir / "samples" / f"{self.nimg:012d}_{k}step.png", self.dataset.kind,
+                         reference=self.dataset)
             if final:
-                save_samples(x, run_dir / f"samples_{k}step.png", self.dataset.kind)
+                save_samples(x, run_dir / f"samples_{k}step.png", self.dataset.kind, reference=self.dataset)
 
 
 def build_evaluator(trainer: Trainer):
@@ -383,6 +391,13 @@ def periodic_eval(trainer: Trainer, evaluator, log: RunLog) -> None:
 
     metrics = evaluate_during_training(trainer, evaluator)
     log.write(trainer.step, trainer.nimg, {f"eval/{k}": v for k, v in metrics.items()})
+
+
+def set_threads(threads: int) -> None:
+    """train.threads > 0 sets torch's CPU threads, unless the user chose OMP_NUM_THREADS (which then wins;
+    `cmkit train` says so in its one-line summary)."""
+    if threads > 0 and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(threads)
 
 
 def _version() -> str:
@@ -407,8 +422,7 @@ def train(cfg: Config, *, force: bool = False, stop_after: int | None = None) ->
 
 def _train(cfg: Config, info: distributed.DistInfo, force: bool, stop_after: int | None) -> Path:
     device = resolve_device(cfg.train.device, info.local_rank)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+    set_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed * 1_000_003 + info.rank)
     run_dir = Path(cfg.run.dir)
     trainer = Trainer(cfg, info, device)  # validates config, data and networks before any file is touched
@@ -437,6 +451,7 @@ def _train(cfg: Config, info: distributed.DistInfo, force: bool, stop_after: int
 
     stop["handlers"] = _install(on_signal)
     start, t_last, steps_last = time.perf_counter(), time.perf_counter(), trainer.step
+    first_step = trainer.step
     end = tc.steps if stop_after is None else min(tc.steps, trainer.step + stop_after)
     try:
         while trainer.step < end:
@@ -450,6 +465,8 @@ def _train(cfg: Config, info: distributed.DistInfo, force: bool, stop_after: int
                 logs["sec_per_step"] = (now - t_last) / max(trainer.step - steps_last, 1)
                 t_last, steps_last = now, trainer.step
                 log.write(trainer.step, trainer.nimg, logs)
+            elif trainer.step == first_step + 1:  # the first step of this job: show its loss at once
+                log.show(logs)
             log.advance()
             due = rc.checkpoint_every and trainer.step % rc.checkpoint_every == 0
             milestone = rc.milestone_every and trainer.step % rc.milestone_every == 0
@@ -460,6 +477,11 @@ def _train(cfg: Config, info: distributed.DistInfo, force: bool, stop_after: int
             every = cfg.eval.every_nimg
             if info.is_main and every and (trainer.nimg // every) > ((trainer.nimg - tc.batch_size) // every):
                 periodic_eval(trainer, evaluator, log)
+        if info.is_main:
+            finishing = trainer.step == tc.steps and stop["signal"] is None
+            log.note(f"cmkit: step {trainer.step}: writing the final checkpoint"
+                     + (f" and samples ({', '.join(map(str, rc.sample_steps))}-step, n={rc.sample_n})" if finishing
+                        else "") + f" to {run_dir}")
         trainer.save(run_dir, final=True)
         if stop["signal"] is not None and info.is_main:
             name = signal.Signals(stop["signal"]).name

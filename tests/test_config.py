@@ -150,3 +150,35 @@ def test_step_time_benchmark_has_a_recipe_for_every_method():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert sorted(set(METHODS) - set(module.RECIPES)) == []
+
+
+def test_config_types_do_not_import_the_method_registry():
+    # No import circle config <-> objectives: the types stand alone, load_config sits above both (cmkit.configure).
+    import subprocess
+    import sys
+
+    code = ("import sys, cmkit.config as c; assert 'cmkit.objectives' not in sys.modules; "
+            "from cmkit.config import load_config; assert load_config(None).method.name == 'ict'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib_root())
+
+
+def pathlib_root():
+    import pathlib
+
+    return str(pathlib.Path(__file__).resolve().parent.parent)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.ema=[1.0]", "train.ema"), ("train.ema_sample=3", "train.ema_sample"), ("train.device=gpu", "train.device"),
+    ("train.betas=[0.9,1.5]", "train.betas"), ("run.log_every=0", "run.log_every"), ("run.sample_n=-1", "run.sample_n"),
+    ("run.sample_every=-1", "run.sample_every"), ("data.workers=-1", "data.workers"),
+])
+def test_section_validation_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_an_empty_config_file_is_refused(tmp_path):
+    (tmp_path / "e.yaml").write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(tmp_path / "e.yaml")

@@ -135,7 +135,7 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
     def fdopen(fd, *a, **k):  # the second and later checkpoint writes run out of space half-way
         f = real_fdopen(fd, *a, **k)
         calls["n"] += 1
-        if calls["n"] >= 2:
+        if calls["n"] >= 3:  # write 1 is config.yaml (atomic too), write 2 the first checkpoint
             def write(data, f=f):
                 f.buffer.write(data[: len(data) // 2]) if hasattr(f, "buffer") else real_write(data[: len(data) // 2])
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -237,7 +237,11 @@ def test_train_prints_the_config_on_rank_0_only(tmp_path, monkeypatch, capsys, r
     monkeypatch.setattr(cmkit.train, "train", lambda c, **kw: Path(c.run.dir))
     assert main(["train", *TINY, f"run.dir={tmp_path}"]) == 0
     out = capsys.readouterr().out
-    assert (f"dir: {tmp_path}" in out and "cmkit: run written to" in out) if rank == 0 else out == ""
+    assert (out.startswith("cmkit: method ict, net mlp 32x2, data eight_gaussians") and out.count("\n") == 2
+            and f"{tmp_path / 'config.yaml'}" in out and "cmkit: run written to" in out) if rank == 0 else out == ""
+    assert main(["train", *TINY, f"run.dir={tmp_path}", "--verbose"]) == 0  # the whole resolved config
+    out = capsys.readouterr().out
+    assert (f"dir: {tmp_path}" in out and "fourier_scale" in out) if rank == 0 else out == ""
 
 
 def test_sample_steps_help_mentions_nfe(capsys):
@@ -542,3 +546,120 @@ def test_signal_writes_checkpoint_and_exits_cleanly(tmp_path, sig):
     _, state, meta = latest_checkpoint(tmp_path / "checkpoints")
     assert 3 <= meta["step"] < 100000 and math.isfinite(float(meta["nimg"]))
     assert not (tmp_path / "summary.json").exists()  # not a finished run
+
+
+# ----------------------------------------------------------------------------
+# Issue 19: disk full on a fresh run, TensorBoard on a full disk, edited checkpoints, checkpoints of
+# another run, log.jsonl after a resume.
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_on_a_fresh_run_names_the_path_and_the_rerun_trains(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    real_fdopen = os.fdopen
+
+    def full(fd, *a, **k):  # every atomic write runs out of space after the file was created
+        f = real_fdopen(fd, *a, **k)
+        f.write = _enospc
+        return f
+
+    monkeypatch.setattr(ckpt.os, "fdopen", full)
+    rc = main(["train", *TINY, f"run.dir={run}", "train.steps=2"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"'{run / 'config.yaml'}'" in err and "No space left on device" in err, err
+    assert "Free disk space, then re-run the same command" in err and "Traceback" not in err
+    assert not (run / "config.yaml").exists() and not list(run.glob(".config.yaml.*"))  # no 0-byte config.yaml
+    monkeypatch.undo()  # space freed: the same command trains
+    assert main(["train", *TINY, f"run.dir={run}", "train.steps=2"]) == 0
+    assert latest_checkpoint(run / "checkpoints")[2]["step"] == 2
+
+
+def test_an_empty_or_unreadable_config_yaml_does_not_block_the_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("")  # left by an older cmkit that wrote it in place on a full disk
+    assert main(["train", *TINY, f"run.dir={run}", "train.steps=2", "run.checkpoint_every=1"]) == 0
+    assert "is empty" in capsys.readouterr().err
+    (run / "config.yaml").write_bytes(b"\x00\xff garbage")  # the checkpoints carry the config: resume
+    assert main(["train", *TINY, f"run.dir={run}", "train.steps=3"]) == 0
+    assert latest_checkpoint(run / "checkpoints")[2]["step"] == 3
+    assert load_config(run / "config.yaml").train.steps == 3  # rewritten
+
+
+def test_tensorboard_on_a_full_disk_says_so_in_one_line(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.summary.writer import record_writer
+
+    real = record_writer.RecordWriter.write
+    record_writer.RecordWriter.write = _enospc  # the writer thread fails on its first record
+    try:
+        rc = main(["train", *TINY, f"run.dir={tmp_path}", "train.steps=3", "run.tensorboard=true"])
+    finally:
+        record_writer.RecordWriter.write = real
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "Traceback" not in err and err.count("TensorBoard could not write") == 1, err
+    assert "No space left on device" in err and "log.jsonl and checkpoints go on" in err
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 3
+
+
+def _edit_header(path: Path, old: bytes, new: bytes) -> None:
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header = bytes(raw[8 : 8 + n])
+    assert old in header and len(old) == len(new)
+    raw[8 : 8 + n] = header.replace(old, new, 1)
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("edit", ["dtype", "payload"])
+def test_an_edited_checkpoint_is_refused(existing_run, tmp_path, capsys, edit):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(existing_run / "run", run)
+    path = list_checkpoints(run / "checkpoints")[-1]
+    if edit == "dtype":  # F32 -> I32: same size, so safetensors itself reads it happily
+        _edit_header(path, b'"dtype":"F32"', b'"dtype":"I32"')
+        words = ["reads as int32", "was written as float32"]
+    else:  # one flipped bit in the last tensor's bytes
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 1
+        path.write_bytes(bytes(raw))
+        words = ["do not match the digest"]
+    with pytest.raises(CheckpointError) as e:
+        ckpt.read_checkpoint(path)
+    for w in words:
+        assert w in str(e.value)
+    rc = main(["sample", str(run), "--checkpoint", str(path), "--n", "4", "--out", str(tmp_path / "s.npz")])
+    err = capsys.readouterr().err
+    assert rc == 2 and words[0] in err and not (tmp_path / "s.npz").exists(), err
+
+
+def test_a_checkpoint_of_another_run_is_refused(existing_run, tmp_path, capsys):
+    other = tmp_path / "other"
+    train(load_config(TINY[0], TINY[1:] + ["train.steps=1", "net.hidden=16", f"run.dir={other}"]))
+    theirs = list_checkpoints(other / "checkpoints")[-1]
+    rc = main(["sample", str(existing_run / "run"), "--checkpoint", str(theirs), "--out", str(tmp_path / "s.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "belongs to another run" in err and "net.hidden: 32 -> 16" in err and str(other) in err, err
+    ours = list_checkpoints(existing_run / "run" / "checkpoints")[-1]  # its own checkpoint still samples
+    assert main(["sample", str(existing_run / "run"), "--checkpoint", str(ours), "--n", "4",
+                 "--out", str(tmp_path / "s.npz")]) == 0
+
+
+def test_a_resumed_run_continues_log_jsonl_from_its_checkpoint(tmp_path, capsys):
+    import json
+
+    train(cfg(tmp_path, "train.steps=6", "run.checkpoint_every=2"))
+    # As if killed after step 6 was logged but before its checkpoint was written, with a torn last line.
+    list_checkpoints(tmp_path / "checkpoints")[-1].unlink()
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 7, "nimg"')
+    train(cfg(tmp_path, "train.steps=6", "run.checkpoint_every=2"))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert "dropped 3 record(s) past step 4" in capsys.readouterr().err

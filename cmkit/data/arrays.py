@@ -99,6 +99,9 @@ def _read_arrays(cfg) -> tuple[np.ndarray, np.ndarray | None]:
             return loaded, None
         with loaded as f:
             keys = list(f.keys())
+            if not keys:
+                raise DataError(f"'{path}' is an .npz file that holds no arrays. Save the data under key 'x' "
+                                f"(labels under 'y'): numpy.savez(path, x=x, y=y)")
             if "x" in keys:
                 xkey = "x"
             elif len(keys) == 1:
@@ -112,8 +115,16 @@ def _read_arrays(cfg) -> tuple[np.ndarray, np.ndarray | None]:
     except DataError:
         raise
     except Exception as e:  # numpy raises ValueError, OSError, EOFError, BadZipFile... for broken files
-        raise DataError(f"cannot read '{path}' as a numpy array ({type(e).__name__}: {e}). "
-                        f"Save it with numpy.save or numpy.savez.") from None
+        raise DataError(not_numpy_message(path, e)) from None
+
+
+def not_numpy_message(path, e: Exception) -> str:
+    """Why a file is not a readable .npy/.npz, without numpy's advice to allow pickles (never do that)."""
+    if "pickle" in str(e):  # numpy's guess for any file without a .npy/zip header
+        why = "it is neither a .npy nor an .npz file (no NumPy or zip header; truncated, or another format)"
+    else:
+        why = f"{type(e).__name__}: {e}"
+    return f"cannot read '{path}' as a numpy array ({why}). Save it with numpy.save or numpy.savez."
 
 
 def _labels(y: np.ndarray | None, n: int, path: str) -> tuple[torch.Tensor | None, int]:
