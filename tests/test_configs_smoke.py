@@ -38,7 +38,9 @@ IMAGE_NET = ["net.channels=8", "net.channel_mult=[1,2]", "net.num_blocks=1", "ne
              "net.num_heads=1", "net.emb_dim=0"]
 VECTOR_NET = ["net.hidden=64", "net.depth=2"]
 # Per-config extras (e.g. a schedule measured in images that would never start within 20 steps).
-OVERRIDES: dict[str, list[str]] = {}
+OVERRIDES: dict[str, list[str]] = {
+    "sct_imagenet64": ["net.channels_per_head=8"],  # EDM2: heads = width / channels_per_head, and the smoke width is 8-16
+}
 
 
 def _images(path: Path, channels: int, n: int = 64) -> Path:
