@@ -11,27 +11,17 @@ JVP: torch.func.jvp of F(x, c_noise) in both inputs with no grad (sCM's tangent 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from cmkit.config import NetConfig
 from cmkit.nets import build_network
+from passes import pass_times
 
 SMALL = dict(channels=32, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[16], num_heads=4, head_dim=8,
              num_groups=8, dropout=0.0, hidden=128, depth=4, patch_size=2)  # dit: width 128, 4 blocks, 4 heads
 ACT_CIFAR10 = dict(channels=128, channel_mult=[1, 1, 2, 2], num_blocks=2, attn_resolutions=[16], num_heads=16,
                    head_dim=8, num_groups=32, dropout=0.0, dit="DiT-S/2")
-
-
-def timed(fn, reps: int, sync) -> float:
-    fn()  # warm-up
-    sync()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / reps * 1000
 
 
 def main() -> None:
@@ -57,20 +47,8 @@ def main() -> None:
         x = torch.randn(args.batch, *shape, device=device)
         c = torch.randn(args.batch, device=device)
         tx, tc = torch.randn_like(x), torch.randn_like(c)
-
-        def forward():
-            with torch.no_grad():
-                net(x, c)
-
-        def backward():
-            net.zero_grad(set_to_none=True)
-            net(x, c).square().mean().backward()
-
-        def jvp():
-            with torch.no_grad():
-                torch.func.jvp(net, (x, c), (tx, tc))
-
-        f, fb, j = (timed(fn, args.reps, sync) for fn in (forward, backward, jvp))
+        t = pass_times(net, x, c, tx, tc, args.reps, sync)
+        f, fb, j = t["forward"], t["fwd+bwd"], t["jvp"]
         n = sum(p.numel() for p in net.parameters()) / 1e6
         print(f"| {name} | {n:.2f}M | {f:.1f} ms | {fb:.1f} ms | {fb / f:.2f} | {j:.1f} ms | {j / f:.2f} |")
 

@@ -9,13 +9,12 @@ of F in (x, c_noise) and the student's forward+backward.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from cmkit.config import load_config
 from cmkit.nets import build_network
+from passes import pass_times
 
 COMMON = ["net.channels=32", "net.channel_mult=[1,2,2]", "net.num_blocks=1", "net.attn_resolutions=[8]",
           "net.dropout=0.1", "net.embedding=positional", "net.modulation=double_norm"]
@@ -23,19 +22,6 @@ NETS = {
     "edm2": ["net.name=edm2", "net.channels_per_head=32"],
     "unet": ["net.name=unet", "net.num_heads=1"],
 }
-
-
-def timed(fn, reps: int, sync) -> float:
-    """Median milliseconds per call over reps calls after one warm-up (the median resists a shared machine)."""
-    fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -59,22 +45,8 @@ def main() -> None:
         torch.manual_seed(0)
         net = build_network(load_config(None, COMMON + over).net, shape).to(device).train()
         params = sum(p.numel() for p in net.parameters())
-
-        def forward():
-            with torch.no_grad():
-                net(x, c)
-
-        def forward_backward():
-            net.zero_grad(set_to_none=True)
-            net(x, c).square().mean().backward()
-
-        def jvp():
-            with torch.no_grad():
-                torch.func.jvp(lambda a, b: net(a, b), (x, c), (dx, dc))
-
-        f = timed(forward, args.reps, sync)
-        fb = timed(forward_backward, args.reps, sync)
-        j = timed(jvp, args.reps, sync)
+        t = pass_times(net, x, c, dx, dc, args.reps, sync)
+        f, fb, j = t["forward"], t["fwd+bwd"], t["jvp"]
         print(f"| {name} | {params / 1e6:.2f}M | {f:.1f} ms | {fb:.1f} ms | {j:.1f} ms | {fb / f:.2f} | {j / f:.2f} |")
 
 

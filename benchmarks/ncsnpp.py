@@ -8,43 +8,17 @@ cmkit's U-Net at the same width and depth is timed beside it.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from torch.func import jvp
 
 from cmkit.nets.ncsnpp import NCSNpp
 from cmkit.nets.unet import UNet
-
-
-def timed(fn, reps: int) -> float:
-    fn()  # warm-up (functorch traces its decompositions on the first JVP)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+from passes import pass_times
 
 
 def measure(net: torch.nn.Module, batch: int, reps: int) -> dict[str, float]:
     x, c = torch.randn(batch, 3, 32, 32), torch.randn(batch)
-    tx, tc = torch.randn_like(x), torch.randn_like(c)
-
-    def forward():
-        with torch.no_grad():
-            net(x, c)
-
-    def forward_backward():
-        net.zero_grad(set_to_none=True)
-        net(x, c).square().mean().backward()
-
-    def tangent():
-        with torch.no_grad():
-            jvp(net, (x, c), (tx, tc))
-
-    return {"forward": timed(forward, reps), "fwd+bwd": timed(forward_backward, reps), "jvp": timed(tangent, reps)}
+    return pass_times(net, x, c, torch.randn_like(x), torch.randn_like(c), reps)
 
 
 def main() -> None:

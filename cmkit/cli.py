@@ -287,8 +287,6 @@ def cmd_inspect_data(args) -> int:
     import dataclasses
     import json
 
-    import torch
-
     from cmkit.data import load_dataset
     from cmkit.latent.stats import format_stats, outlier_stats, run_td_values
 

@@ -21,7 +21,6 @@ All functions work in the model's (normalised) space, like the samplers in ``cmk
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -8,7 +8,6 @@ scales every phase's base learning rate alike.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 
 from cmkit.data.prepared import FORMAT, INDEX_FILE, LABELS_FILE, PROGRESS_FILE, chunk_sha256, content_sha256
+from cmkit.checkpoint import fsync_dir
 from cmkit.dataset import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -236,19 +237,6 @@ def describe_source(source: str) -> dict:
 # The resumable chunked writer.
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: Path, obj) -> None:
     """Write to a temporary name, fsync, rename, fsync the folder: the file is either old or new, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -257,7 +245,7 @@ def write_json_atomic(path: Path, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _save_npy_atomic(path: Path, a: np.ndarray) -> None:
@@ -309,7 +297,7 @@ def write_prepared(out: Path, *, file: str, kind: str, shape: tuple, dtype: str,
             raise DataError(f"'{out}' already holds a prepared dataset made from another source or with other "
                             f"options; pass --force to replace it, or choose another --out")
         index_path.unlink()  # unpublish first: from now on the directory does not load until the new index
-        _fsync_dir(out)
+        fsync_dir(out)
 
     done, hashes = 0, []
     if progress_path.is_file() and partial.is_file():
@@ -365,7 +353,7 @@ def write_prepared(out: Path, *, file: str, kind: str, shape: tuple, dtype: str,
     else:
         (out / LABELS_FILE).unlink(missing_ok=True)
     os.replace(partial, final)
-    _fsync_dir(out)
+    fsync_dir(out)
     index = {
         "format": FORMAT, "kind": kind,
         "x": {"file": file, "dtype": dtype, "shape": list(shape)},
