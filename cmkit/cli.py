@@ -282,6 +282,35 @@ def add_eval(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def cmd_ema_reconstruct(args) -> int:
+    from cmkit.config import ConfigError
+    from cmkit.ema import write_reconstruction
+
+    try:
+        paths = [write_reconstruction(args.run, s, args.nimg, args.out if len(args.sigma_rel) == 1 else None)
+                 for s in args.sigma_rel]
+    except ValueError as e:  # no snapshots, a bad σ_rel or nimg: the user's to fix
+        raise ConfigError(str(e)) from None
+    for path, info in paths:
+        used = sum(1 for i in info["inputs"] if abs(i["coefficient"]) > 0)
+        print(f"cmkit: sigma_rel={info['sigma_rel']:g} at {info['nimg']} images from {len(info['inputs'])} stored "
+              f"averages ({used} with non-zero weight) written to {path}")
+    print(f"cmkit: use it with: cmkit sample {args.run} --checkpoint {paths[-1][0]} ... "
+          f"or cmkit eval {args.run} --checkpoint {paths[-1][0]}")
+    return 0
+
+
+def add_ema_reconstruct(sub) -> None:
+    p = sub.add_parser("ema-reconstruct", help="post-hoc EMA (EDM2): any sigma_rel from the stored power-function EMAs")
+    p.add_argument("run", help="run directory trained with train.ema_std=[...] and train.ema_snapshot_every > 0")
+    p.add_argument("--sigma-rel", type=float, nargs="+", required=True,
+                   help="relative EMA length(s) to reconstruct, e.g. 0.05 (EDM2: 0 < sigma_rel < 0.2887)")
+    p.add_argument("--nimg", type=int, default=None, help="training time of the result: a snapshot's (default: the last)")
+    p.add_argument("--out", default=None,
+                   help="output checkpoint (one --sigma-rel only; default RUN/ema_posthoc/ema-<sigma>-<nimg>.safetensors)")
+    p.set_defaults(func=cmd_ema_reconstruct)
+
+
 def cmd_plot(args) -> int:
     from cmkit.evaluation.plot import plot_curves
 
@@ -304,7 +333,7 @@ def add_plot(sub) -> None:
 
 
 # Explicit list of subcommand builders (STYLE 10).
-COMMANDS = [add_train, add_sample, add_edit, add_train_ae, add_inspect_data, add_eval, add_plot]
+COMMANDS = [add_train, add_sample, add_edit, add_train_ae, add_inspect_data, add_eval, add_plot, add_ema_reconstruct]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -85,6 +85,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the backbone (no gain measured on CPU; sCM's JVP is not compilable)
     max_bad_steps: int = 10  # stop after this many consecutive steps skipped for non-finite loss/grad; 0 = never
     spike_factor: float = 0.0  # stop if the loss exceeds this × |running median| of recent losses; 0 = off
+    ema_warmup: bool = False  # train.ema rates ramp as min(μ, (1+k)/(10+k)) over updates k (cmkit.ema; TF's EMA form)
+    ema_std: list[float] = field(default_factory=list)  # EDM2 power-function EMAs by σ_rel, e.g. [0.05, 0.1]; indexed after train.ema
+    ema_snapshot_every: int = 0  # steps between snapshots of the ema_std EMAs (post-hoc reconstruction); 0 = off
 
     def validate(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.accumulate < 1:
@@ -95,6 +98,17 @@ class TrainConfig:
             raise ValueError("train.eps must be > 0 and train.lr_ref_nimg >= 0 (0 = no inverse-sqrt decay)")
         if self.max_bad_steps < 0 or self.spike_factor < 0:
             raise ValueError("train.max_bad_steps and train.spike_factor must be >= 0")
+        from cmkit.ema import profiles_of
+
+        profiles = profiles_of(self.ema, self.ema_std, self.ema_warmup)  # ValueError names the bad rate or σ_rel
+        if not profiles:
+            raise ValueError("train.ema and train.ema_std are both empty: give at least one EMA (e.g. train.ema=[0.999])")
+        if not 0 <= self.ema_sample < len(profiles):
+            raise ValueError(f"train.ema_sample={self.ema_sample} must index train.ema followed by train.ema_std "
+                             f"(0..{len(profiles) - 1})")
+        if self.ema_snapshot_every < 0 or (self.ema_snapshot_every and not self.ema_std):
+            raise ValueError("train.ema_snapshot_every must be >= 0, and > 0 only with power-function EMAs "
+                             "(train.ema_std=[0.05,0.1]): snapshots store those for cmkit ema-reconstruct")
 
 
 @dataclass

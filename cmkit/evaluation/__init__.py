@@ -172,13 +172,20 @@ def evaluate_run(run_dir: str | Path, steps: list[int] | None = None, n: int | N
     results = evaluator.evaluate(
         lambda s, m, sd: run.sample(m, s, seed=sd, ema=ema, batch_size=batch_size), model, cfg.eval.steps, cfg.eval.n)
     protocol = {**evaluator.protocol, "n_generated": cfg.eval.n, "sampler_steps": cfg.eval.steps,
-                "weights": f"ema {cfg.train.ema[cfg.train.ema_sample]}" if ema else "student (no EMA)",
+                "weights": _weights_label(run, ema),
                 "nimg": run.nimg, "method": cfg.method.name, "cmkit_version": __version__, "device": device}
     report = json_safe({"protocol": protocol, "steps": {key: _mark_diverged(row) for key, row in results.items()}})
     path = Path(out) if out is not None else Path(run_dir) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")  # strict JSON: no Infinity/NaN
     return report
+
+
+def _weights_label(run, ema: bool) -> str:
+    if not ema:
+        return "student (no EMA)"
+    label = run.ema.labels[run.cfg.train.ema_sample]
+    return label + (" (post-hoc reconstruction, cmkit ema-reconstruct)" if getattr(run, "posthoc", None) else "")
 
 
 def _is_nonfinite(v) -> bool:
