@@ -50,7 +50,8 @@ def cmd_sample(args) -> int:
         raise ConfigError(f"--out '{args.out}' must end in .png (image grid) or .npz (raw samples)")
     run = load(args.run, args.checkpoint, device=args.device)
     x = run.sample(args.n, args.steps, times=args.times, seed=args.seed, ema=not args.no_ema, guidance=args.guidance)
-    save_samples(x, args.out, run.dataset.kind)
+    ref = run.dataset.to_data_space(run.dataset.x[:5000]) if run.dataset.kind == "vector" else None
+    save_samples(x, args.out, run.dataset.kind, ref)  # vectors: a scatter over the data, with axes
     print(f"cmkit: {args.n} samples ({args.steps}-step) written to {args.out}")
     return 0
 

@@ -1,4 +1,5 @@
-"""Writing samples: image grids and 2-D scatter plots as PNG, raw arrays as .npz (PIL only)."""
+"""Writing samples: image grids and 2-D scatter plots as PNG (samples over the data with matplotlib, else PIL),
+raw arrays as .npz."""
 
 from __future__ import annotations
 
@@ -40,8 +41,34 @@ def scatter_png(points: torch.Tensor, size: int = 384, lim: float | None = None)
     return img
 
 
-def save_samples(samples: torch.Tensor, path: str | Path, kind: str) -> Path:
-    """Save samples in data space: .png (grid or scatter) or .npz (array ``samples``)."""
+def scatter_over_data(points: torch.Tensor, path: Path, reference: torch.Tensor | None = None) -> bool:
+    """Samples (blue) over the data (grey) with axes and a legend, via matplotlib; False if it is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    p = points[:, :2].float().numpy()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    if reference is not None:
+        r = reference[:, :2].float().numpy()
+        ax.scatter(r[:, 0], r[:, 1], s=2, c="0.75", label=f"data ({len(r)})", rasterized=True)
+    ax.scatter(p[:, 0], p[:, 1], s=2, c="tab:blue", label=f"samples ({len(p)})", rasterized=True)
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_xlabel("x$_1$")
+    ax.set_ylabel("x$_2$")
+    ax.legend(loc="upper right", fontsize=7, markerscale=4)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def save_samples(samples: torch.Tensor, path: str | Path, kind: str, reference: torch.Tensor | None = None) -> Path:
+    """Save samples in data space: .png (grid, or for vectors a scatter over ``reference`` data points with
+    axes when matplotlib is installed) or .npz (array ``samples``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npz":
@@ -51,7 +78,10 @@ def save_samples(samples: torch.Tensor, path: str | Path, kind: str) -> Path:
             grid = image_grid(samples.cpu())
             Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
         else:
-            scatter_png(samples.cpu().reshape(len(samples), -1)).save(path)
+            flat = samples.cpu().reshape(len(samples), -1)
+            ref = None if reference is None else reference.cpu().reshape(len(reference), -1)
+            if not scatter_over_data(flat, path, ref):
+                scatter_png(flat).save(path)
     else:
         raise ValueError(f"output '{path}' must end in .png (grid) or .npz (raw samples)")
     return path

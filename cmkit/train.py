@@ -330,11 +330,14 @@ class Trainer:
 
     def write_samples(self, run_dir: Path, final: bool) -> None:
         rc = self.cfg.run
+        ref = None  # vector data: the scatter shows the samples over (up to 5,000 of) the training points
+        if self.dataset.kind == "vector":
+            ref = self.dataset.to_data_space(self.dataset.x[:5000])
         for k in rc.sample_steps:
             x = self.samples(k, rc.sample_n, seed=self.cfg.train.seed)
-            save_samples(x, run_dir / "samples" / f"{self.nimg:012d}_{k}step.png", self.dataset.kind)
+            save_samples(x, run_dir / "samples" / f"{self.nimg:012d}_{k}step.png", self.dataset.kind, ref)
             if final:
-                save_samples(x, run_dir / f"samples_{k}step.png", self.dataset.kind)
+                save_samples(x, run_dir / f"samples_{k}step.png", self.dataset.kind, ref)
 
 
 def build_evaluator(trainer: Trainer):

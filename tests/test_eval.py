@@ -527,3 +527,18 @@ def test_eval_samples_bad_files_are_clear_errors(tmp_path, capsys):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     assert main(["eval", "--samples", str(tmp_path / "junk.npz"), "--data", "digits"]) == 2
     assert "not a readable" in capsys.readouterr().err
+
+
+def test_vector_samples_png_shows_the_data_with_axes(tmp_path):
+    from PIL import Image
+
+    from cmkit.images import save_samples
+
+    g = torch.Generator().manual_seed(0)
+    data, samples = torch.randn(500, 2, generator=g), torch.randn(200, 2, generator=g) + 3
+    png = save_samples(samples, tmp_path / "s.png", "vector", reference=data)
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    assert img.shape[:2] == (450, 450)  # matplotlib's 4.5 in at 100 dpi, not the 384-px PIL fallback
+    grey = ((img == 191).all(axis=2)).sum()  # data points are drawn in 0.75 grey (191)
+    blue = ((abs(img - [31, 119, 180]) <= 2).all(axis=2)).sum()  # tab:blue samples
+    assert grey > 200 and blue > 200
