@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    base = load_config(args.config, args.overrides)
+    base = load_config(args.config, [o for o in args.overrides if not o.startswith("train.ema_snapshot_every=")])
     extra = []
     if not any(o.startswith("train.ema_std=") for o in args.overrides):
         extra.append("train.ema_std=[0.05,0.1]")
