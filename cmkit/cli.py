@@ -327,9 +327,16 @@ def add_inspect_data(sub) -> None:
 
 
 def cmd_eval(args) -> int:
+    from cmkit.config import ConfigError
     from cmkit.evaluation import evaluate_run, format_table
 
     _check_device(args.device)
+    if args.samples is not None:
+        return _eval_samples(args)
+    if args.run is None:
+        raise ConfigError("cmkit eval needs a run directory, or --samples FILE.npz --data NAME for a file of samples")
+    if args.data or args.config or args.range != "auto":
+        raise ConfigError("--data, --config and --range apply to --samples only: a run brings its own data config")
     report = evaluate_run(args.run, args.steps, args.n, features=args.features, k=args.k, seed=args.seed,
                           inception_weights=args.inception_weights, reference=args.reference,
                           checkpoint=args.checkpoint, device=args.device, ema=not args.no_ema, out=args.out)
@@ -341,11 +348,50 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_samples(args) -> int:
+    """cmkit eval --samples FILE: the data and eval sections come from --config (e.g. RUN/config.yaml) and --data."""
+    from dataclasses import replace
+
+    from cmkit.config import ConfigError, load_config
+    from cmkit.evaluation import evaluate_samples, format_table
+
+    if args.run is not None:
+        raise ConfigError("give either a run directory or --samples, not both")
+    if not args.data and not args.config:
+        raise ConfigError("--samples needs the reference data: --data NAME (e.g. mnist) or --config RUN/config.yaml")
+    ignored = [o for o, v in (("--steps", args.steps), ("--n", args.n), ("--checkpoint", args.checkpoint)) if v]
+    if ignored or args.no_ema:
+        raise ConfigError(f"{', '.join(ignored + ['--no-ema'] * args.no_ema)} do not apply to --samples "
+                          f"(the file's samples are scored as they are)")
+    cfg = load_config(args.config, [f"data.name={args.data}"] if args.data else [])
+    options = {"features": args.features, "k": args.k, "seed": args.seed, "inception_weights": args.inception_weights,
+               "reference": args.reference}
+    cfg.eval = replace(cfg.eval, **{key: v for key, v in options.items() if v is not None})
+    report = evaluate_samples(args.samples, cfg, value_range=args.range, out=args.out)
+    p = report["protocol"]
+    print(f"cmkit eval: {args.samples} ({p['n_generated']} samples, read as {p['samples_range']}) vs "
+          f"{p['reference']['n']} reference ({p['reference']['data']}, {p['reference']['split']} split), "
+          f"features {p['features']}, k={p['k']}")
+    print(format_table(report))
+    out = args.out or Path(args.samples).with_name(Path(args.samples).stem + "_metrics.json")
+    print(f"cmkit: metrics written to {out}")
+    return 0
+
+
 def add_eval(sub) -> None:
     from cmkit.evaluation import FEATURES
 
-    p = sub.add_parser("eval", help="FD, precision/recall (SWD, MMD for vectors) at several step counts")
-    p.add_argument("run", help="run directory")
+    p = sub.add_parser("eval", help="FD, precision/recall (SWD, MMD for vectors; classifier confidence for digits) "
+                                    "of a run at several step counts, or of a file of samples")
+    p.add_argument("run", nargs="?", default=None, help="run directory (or use --samples)")
+    p.add_argument("--samples", default=None,
+                   help="evaluate this .npz of any generator's samples instead of a run (array 'samples' or the "
+                        "only array; images (n,C,H,W) or (n,H,W,C) in [0,1], [-1,1] or uint8)")
+    p.add_argument("--data", default=None, help="--samples: the reference data set, e.g. mnist")
+    p.add_argument("--config", default=None,
+                   help="--samples: a YAML config whose data and eval sections set the protocol (e.g. RUN/config.yaml)")
+    p.add_argument("--range", choices=["auto", "01", "11"], default="auto",
+                   help="--samples: float images in [0,1] (01) or [-1,1] (11); auto: [-1,1] if any value < 0")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="sampling step counts (default: eval.steps)")
     p.add_argument("--n", type=int, default=None, help="generated samples per step count (default: eval.n)")
     p.add_argument("--features", choices=FEATURES, default=None,
@@ -354,11 +400,40 @@ def add_eval(sub) -> None:
     p.add_argument("--reference", choices=["train", "test", "all"], default=None, help="reference split (default test)")
     p.add_argument("--k", type=int, default=None, help="nearest neighbours for precision/recall (default 3)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--out", default=None, help="JSON file (default RUN/metrics.json)")
+    p.add_argument("--out", default=None, help="JSON file (default RUN/metrics.json, or FILE_metrics.json for --samples)")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw student weights")
     p.add_argument("--checkpoint", default=None, help="a specific checkpoint file")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)
+
+
+def cmd_ema_reconstruct(args) -> int:
+    from cmkit.config import ConfigError
+    from cmkit.ema import write_reconstruction
+
+    try:
+        paths = [write_reconstruction(args.run, s, args.nimg, args.out if len(args.sigma_rel) == 1 else None)
+                 for s in args.sigma_rel]
+    except ValueError as e:  # no snapshots, a bad σ_rel or nimg: the user's to fix
+        raise ConfigError(str(e)) from None
+    for path, info in paths:
+        used = sum(1 for i in info["inputs"] if abs(i["coefficient"]) > 0)
+        print(f"cmkit: sigma_rel={info['sigma_rel']:g} at {info['nimg']} images from {len(info['inputs'])} stored "
+              f"averages ({used} with non-zero weight) written to {path}")
+    print(f"cmkit: use it with: cmkit sample {args.run} --checkpoint {paths[-1][0]} ... "
+          f"or cmkit eval {args.run} --checkpoint {paths[-1][0]}")
+    return 0
+
+
+def add_ema_reconstruct(sub) -> None:
+    p = sub.add_parser("ema-reconstruct", help="post-hoc EMA (EDM2): any sigma_rel from the stored power-function EMAs")
+    p.add_argument("run", help="run directory trained with train.ema_std=[...] and train.ema_snapshot_every > 0")
+    p.add_argument("--sigma-rel", type=float, nargs="+", required=True,
+                   help="relative EMA length(s) to reconstruct, e.g. 0.05 (EDM2: 0 < sigma_rel < 0.2887)")
+    p.add_argument("--nimg", type=int, default=None, help="training time of the result: a snapshot's (default: the last)")
+    p.add_argument("--out", default=None,
+                   help="output checkpoint (one --sigma-rel only; default RUN/ema_posthoc/ema-<sigma>-<nimg>.safetensors)")
+    p.set_defaults(func=cmd_ema_reconstruct)
 
 
 def cmd_plot(args) -> int:
@@ -432,7 +507,8 @@ def add_prepare_data(sub) -> None:
 
 
 # Explicit list of subcommand builders (STYLE 10).
-COMMANDS = [add_train, add_sample, add_edit, add_train_ae, add_inspect_data, add_eval, add_plot, add_prepare_data]
+COMMANDS = [add_train, add_sample, add_edit, add_train_ae, add_inspect_data, add_eval, add_plot, add_prepare_data,
+            add_ema_reconstruct]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -110,6 +110,9 @@ class TrainConfig:
     spike_factor: float = 0.0  # stop if the loss exceeds this × |running median| of recent losses; 0 = off
     tf32: bool = False  # CUDA: TF32 matmuls/convolutions (EDM/EDM2 keep them off); sCM's tangent pass: method.jvp_tf32
     channels_last: bool = False  # CUDA: channels-last memory format for the image backbone's convolutions
+    ema_warmup: bool = False  # train.ema rates ramp as min(μ, (1+k)/(10+k)) over updates k (cmkit.ema; TF's EMA form)
+    ema_std: list[float] = field(default_factory=list)  # EDM2 power-function EMAs by σ_rel, e.g. [0.05, 0.1]; indexed after train.ema
+    ema_snapshot_every: int = 0  # steps between snapshots of the ema_std EMAs (post-hoc reconstruction); 0 = off
 
     def validate(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.accumulate < 1:
@@ -120,12 +123,17 @@ class TrainConfig:
             raise ValueError("train.eps must be > 0 and train.lr_ref_nimg >= 0 (0 = no inverse-sqrt decay)")
         if self.max_bad_steps < 0 or self.spike_factor < 0:
             raise ValueError("train.max_bad_steps and train.spike_factor must be >= 0")
-        bad = [r for r in self.ema if not 0 <= r < 1]
-        if not self.ema or bad:
-            raise ValueError(f"train.ema={self.ema}: EMA decay rates must be in [0, 1) and at least one is needed, "
-                             f"e.g. train.ema=[0.9999]")
-        if not 0 <= self.ema_sample < len(self.ema):
-            raise ValueError(f"train.ema_sample={self.ema_sample} must index train.ema (0..{len(self.ema) - 1})")
+        from cmkit.ema import profiles_of
+
+        profiles = profiles_of(self.ema, self.ema_std, self.ema_warmup)  # ValueError names the bad rate or σ_rel
+        if not profiles:
+            raise ValueError("train.ema and train.ema_std are both empty: give at least one EMA (e.g. train.ema=[0.999])")
+        if not 0 <= self.ema_sample < len(profiles):
+            raise ValueError(f"train.ema_sample={self.ema_sample} must index train.ema followed by train.ema_std "
+                             f"(0..{len(profiles) - 1})")
+        if self.ema_snapshot_every < 0 or (self.ema_snapshot_every and not self.ema_std):
+            raise ValueError("train.ema_snapshot_every must be >= 0, and > 0 only with power-function EMAs "
+                             "(train.ema_std=[0.05,0.1]): snapshots store those for cmkit ema-reconstruct")
         if not _DEVICE.fullmatch(self.device):
             raise ValueError(f"train.device='{self.device}' is not a device. Use auto, cpu, cuda or cuda:N")
         if self.threads < 0:

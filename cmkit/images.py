@@ -1,4 +1,5 @@
-"""Writing samples: image grids and 2-D scatter plots as PNG, raw arrays as .npz (PIL only)."""
+"""Writing samples: image grids and 2-D scatter plots as PNG (samples over the data with matplotlib, else PIL),
+raw arrays as .npz."""
 
 from __future__ import annotations
 
@@ -94,6 +95,31 @@ def _reference_points(reference) -> torch.Tensor | None:
     return reference.to_data_space(x).reshape(len(x), -1).cpu()
 
 
+def scatter_over_data(points: torch.Tensor, path: Path, reference: torch.Tensor | None = None) -> bool:
+    """Samples (blue) over the data (grey) with axes and a legend, via matplotlib; False if it is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    p = points[:, :2].float().numpy()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    if reference is not None:
+        r = reference[:, :2].float().numpy()
+        ax.scatter(r[:, 0], r[:, 1], s=2, c="0.75", label=f"data ({len(r)})", rasterized=True)
+    ax.scatter(p[:, 0], p[:, 1], s=2, c="tab:blue", label=f"samples ({len(p)})", rasterized=True)
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_xlabel("x$_1$")
+    ax.set_ylabel("x$_2$")
+    ax.legend(loc="upper right", fontsize=7, markerscale=4)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def save_samples(samples: torch.Tensor, path: str | Path, kind: str, *, reference=None,
                  nrow: int | None = None) -> Path:
     """Save samples in data space: .png (grid, or scatter over the reference data) or .npz (array ``samples``).
@@ -109,7 +135,10 @@ def save_samples(samples: torch.Tensor, path: str | Path, kind: str, *, referenc
             grid = image_grid(samples.cpu(), nrow=nrow)
             Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
         else:
-            scatter_png(samples.cpu().reshape(len(samples), -1), reference=_reference_points(reference)).save(path)
+            flat = samples.cpu().reshape(len(samples), -1)
+            ref = _reference_points(reference)
+            if not scatter_over_data(flat, path, ref):  # matplotlib missing: cmkit's own PIL scatter
+                scatter_png(flat, reference=ref).save(path)
     else:
         raise ValueError(f"output '{path}' must end in .png (grid) or .npz (raw samples)")
     return path

@@ -44,7 +44,8 @@ class Run:
         check_autoencoder(meta, self.dataset, checkpoint or self.dir)
         num_classes = self.dataset.num_classes if self.cfg.net.class_cond else 0
         self.objective = build_objective(self.cfg, self.dataset.shape, num_classes)
-        self.ema = EMA(self.objective.model, self.cfg.train.ema)
+        self.ema = EMA.from_config(self.objective.model, self.cfg.train)
+        self.posthoc = meta.get("posthoc")  # set on the checkpoints cmkit ema-reconstruct writes
         try:
             self.objective.load_state_dict(state["objective"])
             self.ema.load_state_dict(state["ema"])

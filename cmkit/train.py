@@ -25,7 +25,7 @@ from cmkit.config import Config, ConfigError
 from cmkit.data import load_dataset, batches
 from cmkit.data.prepared import BatchLoader, check_batch_fits, is_on_disk, loader_workers
 from cmkit.latent import autoencoder_identity, check_autoencoder
-from cmkit.ema import EMA
+from cmkit.ema import EMA, save_snapshot
 from cmkit.images import save_samples
 from cmkit.nets.attention import attention_backend
 from cmkit.objectives import build_objective
@@ -94,8 +94,6 @@ class Trainer:
             raise ConfigError(
                 f"train.batch_size={tc.batch_size} must be divisible by the {info.world_size} rank(s) times "
                 f"train.accumulate={tc.accumulate} (the number of micro-batches per rank)")
-        if not 0 <= tc.ema_sample < len(tc.ema):
-            raise ConfigError(f"train.ema_sample={tc.ema_sample} must index train.ema (0..{len(tc.ema) - 1})")
         self.dataset = load_dataset(cfg.data, device=device)
         if is_on_disk(self.dataset):  # prepared data: fail before the run directory is touched
             check_batch_fits(self.dataset, tc.batch_size)
@@ -126,7 +124,13 @@ class Trainer:
             else:
                 self.objective.model.net.compile()
         distributed.broadcast_module(self.objective, info)  # one starting point for every rank
-        self.ema = EMA(self.objective.model, tc.ema)
+        try:
+            self.ema = EMA.from_config(self.objective.model, tc)  # fixed rates (warm-up), power-function profiles
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not 0 <= tc.ema_sample < len(self.ema.modules):
+            raise ConfigError(f"train.ema_sample={tc.ema_sample} must index train.ema followed by train.ema_std "
+                              f"(0..{len(self.ema.modules) - 1})")
         self.phases = self.objective.phases
         self.main_phase = main_phase(self.phases)
         try:
@@ -328,7 +332,7 @@ class Trainer:
         # Extra state (ACT's p_aug and penalty EMA, CM-GAN's diversity) needs no per-step broadcast: it is computed
         # from rank-averaged values or identical parameters, so every rank holds the same numbers (tests/test_ddp.py).
         if step_ok:
-            self.ema.update(self.objective.model)
+            self.ema.update(self.objective.model, self.nimg, tc.batch_size)  # β from progress (cmkit.ema)
             self.bad_streak = 0
         else:
             self.skipped += 1
@@ -472,6 +476,11 @@ def _train(cfg: Config, info: distributed.DistInfo, force: bool, stop_after: int
             milestone = rc.milestone_every and trainer.step % rc.milestone_every == 0
             if (due or milestone) and not last:
                 trainer.save(run_dir)
+            if info.is_main and tc.ema_snapshot_every and (trainer.step % tc.ema_snapshot_every == 0 or last):
+                try:  # power-function EMAs for cmkit ema-reconstruct; a failed write (disk full) only warns
+                    save_snapshot(run_dir, trainer.nimg, trainer.ema)
+                except OSError as e:
+                    print(f"cmkit: warning: EMA snapshot at step {trainer.step} not written ({e})", file=sys.stderr)
             if info.is_main and rc.sample_every and trainer.step % rc.sample_every == 0 and not last:
                 trainer.write_samples(run_dir, final=False)
             every = cfg.eval.every_nimg

@@ -428,3 +428,117 @@ def test_evaluate_latent_run_protocol_names_the_autoencoder(latent_run):
     expected = weights_hash(ae, _json.dumps(ae.cfg.__dict__, sort_keys=True))
     assert p["autoencoder"] == {"path": str(ae_dir), "type": "OwnAutoencoder", "weights_sha256": expected}
     assert 0 <= report["steps"]["1"]["precision"] <= 1
+
+
+# ----------------------------------------------------------------------------
+# cmkit eval --samples: any generator's samples under a run's protocol; the classifier-confidence figure.
+
+_SCORES = ("fd", "precision", "recall", "swd", "mmd", "confident")
+
+
+def _scores(row):
+    return {k: row[k] for k in _SCORES if k in row}
+
+
+def test_eval_samples_equals_eval_run_on_its_own_samples(toy_run, tmp_path):
+    from cmkit.cli import main
+
+    npz = tmp_path / "s.npz"
+    assert main(["sample", str(toy_run), "--n", "300", "--steps", "1", "--out", str(npz)]) == 0
+    assert main(["eval", str(toy_run), "--n", "300", "--steps", "1", "--out", str(tmp_path / "run.json")]) == 0
+    assert main(["eval", "--samples", str(npz), "--config", str(toy_run / "config.yaml"),
+                 "--out", str(tmp_path / "file.json")]) == 0
+    run = json.loads((tmp_path / "run.json").read_text())
+    file = json.loads((tmp_path / "file.json").read_text())
+    assert _scores(file["samples"]) == _scores(run["steps"]["1"]) and "swd" in file["samples"]
+    assert file["protocol"]["reference"] == run["protocol"]["reference"]
+    assert file["protocol"]["features_weights_sha256"] == run["protocol"]["features_weights_sha256"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    from cmkit.train import train
+
+    root = tmp_path_factory.mktemp("digitsrun")
+    return train(load_config("configs/ict_digits.yaml", [
+        "net.name=mlp", "net.hidden=32", "net.depth=1", "train.steps=3", "train.batch_size=16",
+        f"data.cache_dir={root / 'cache'}", f"run.dir={root / 'run'}", "run.progress=false", "run.tensorboard=false",
+        "run.sample_n=4", "run.sample_steps=[1]", "eval.every_nimg=0", "train.threads=1"]))
+
+
+def test_eval_samples_on_images_in_either_range_and_layout(digits_run, tmp_path):
+    from cmkit.cli import main
+
+    npz = tmp_path / "s.npz"
+    assert main(["sample", str(digits_run), "--n", "200", "--out", str(npz)]) == 0
+    report = evaluate_run(digits_run, steps=[1], n=200, out=tmp_path / "run.json")
+    expected = _scores(report["steps"]["1"])
+    assert "confident" in expected and "classifier" in report["protocol"]["confident"]
+    x = np.load(npz)["samples"]
+    variants = {"01": x, "11": 2 * x - 1, "nhwc": x.transpose(0, 2, 3, 1), "arr_0": x}
+    for name, arr in variants.items():
+        f = tmp_path / f"{name}.npz"
+        np.savez(f, **({"arr_0": arr} if name == "arr_0" else {"samples": arr}))
+        assert main(["eval", "--samples", str(f), "--data", "digits", "--out", str(tmp_path / f"{name}.json")]) == 0
+        assert _scores(json.loads((tmp_path / f"{name}.json").read_text())["samples"]) == pytest.approx(expected), name
+
+
+def test_classifier_confidence_against_direct_softmax():
+    from cmkit.data import load_dataset
+    from cmkit.evaluation.features import classifier_confidence
+
+    ds = load_dataset(DataConfig(name="digits", split="test"))
+    x = ds.to_data_space(ds.x)
+    fn, sha = classifier_confidence("digits")
+    net, _ = load_classifier(WEIGHTS_DIR / CLASSIFIERS["digits"][0])
+    with torch.no_grad():
+        p = torch.softmax(net.eval()(x), dim=1).max(dim=1).values
+    assert fn(x) == pytest.approx(float((p >= 0.9).double().mean()), abs=0)
+    assert fn(x) > 0.8  # real test digits: the classifier is sure of most
+    noise = torch.rand(len(x), 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert fn(noise) < 0.3 and len(sha) == 64
+
+
+def test_eval_samples_bad_files_are_clear_errors(tmp_path, capsys):
+    from cmkit.cli import main
+
+    good = np.random.default_rng(0).random((50, 1, 8, 8)).astype(np.float32)
+    nan = good.copy()
+    nan[3, 0, 1, 1] = np.nan
+    cases = {
+        "shape": (good[:, :, :4], "must have shape"),
+        "channels": (np.repeat(good, 3, axis=1), "must have shape"),
+        "nan": (nan, "NaN"),
+        "range": (good * 3 - 1, "outside"),
+        "int": ((good * 300).astype(np.int32), "[0, 255]"),
+    }
+    for name, (arr, message) in cases.items():
+        f = tmp_path / f"{name}.npz"
+        np.savez(f, samples=arr)
+        assert main(["eval", "--samples", str(f), "--data", "digits"]) == 2, name
+        assert message in capsys.readouterr().err, name
+    two = tmp_path / "two.npz"
+    np.savez(two, a=good, b=good)
+    assert main(["eval", "--samples", str(two), "--data", "digits"]) == 2
+    assert "name the samples array" in capsys.readouterr().err
+    assert main(["eval", "--samples", str(tmp_path / "missing.npz"), "--data", "digits"]) == 2
+    assert main(["eval", "--samples", str(two)]) == 2
+    assert "--data NAME" in capsys.readouterr().err
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    assert main(["eval", "--samples", str(tmp_path / "junk.npz"), "--data", "digits"]) == 2
+    assert "not a readable" in capsys.readouterr().err
+
+
+def test_vector_samples_png_shows_the_data_with_axes(tmp_path):
+    from PIL import Image
+
+    from cmkit.images import save_samples
+
+    g = torch.Generator().manual_seed(0)
+    data, samples = torch.randn(500, 2, generator=g), torch.randn(200, 2, generator=g) + 3
+    png = save_samples(samples, tmp_path / "s.png", "vector", reference=data)
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    assert img.shape[:2] == (450, 450)  # matplotlib's 4.5 in at 100 dpi, not the 384-px PIL fallback
+    grey = ((img == 191).all(axis=2)).sum()  # data points are drawn in 0.75 grey (191)
+    blue = ((abs(img - [31, 119, 180]) <= 2).all(axis=2)).sum()  # tab:blue samples
+    assert grey > 200 and blue > 200

@@ -1,5 +1,7 @@
 """Offline evaluation: FD, precision/recall (k-NN manifolds), SWD and MMD of a run's samples
-against the reference split, at several sampling-step counts, with a protocol that states itself.
+against the reference split, at several sampling-step counts, with a protocol that states itself;
+for MNIST and digits also the share of samples the committed classifier is confident about.
+``evaluate_samples(file, cfg)`` applies the same protocol to any generator's samples.
 
 ``evaluate_run(run_dir, steps=[1, 2], n=1000)`` writes ``RUN/metrics.json``; the training loop calls
 ``evaluate_during_training`` every ``eval.every_nimg`` images (train.periodic_eval logs the result).
@@ -18,14 +20,16 @@ import numpy as np
 import torch
 
 from cmkit.config import ConfigError
+from cmkit.evaluation.classifier import CLASSIFIERS
 from cmkit.evaluation.features import (
-    FEATURES, Extractor, build_extractor, reference_dataset, reference_features,
+    CONFIDENCE_THRESHOLD, FEATURES, Extractor, base_name, build_extractor, classifier_confidence, reference_dataset,
+    reference_features,
 )
 from cmkit.evaluation.metrics import (
     feature_statistics, frechet_distance, knn_radii, median_distance, mmd, precision_recall, sliced_wasserstein,
 )
 
-__all__ = ["Evaluator", "evaluate_run", "evaluate_during_training", "training_evaluator", "format_table", "FEATURES"]
+__all__ = ["Evaluator", "evaluate_run", "evaluate_samples", "evaluate_during_training", "training_evaluator", "format_table", "FEATURES"]
 
 SWD_PROJECTIONS = 256
 MAX_MMD_POINTS = 5000  # MMD is O(n²): larger sets use a seeded subset of this size
@@ -64,6 +68,7 @@ class Evaluator:
         self.seed = ec.seed if seed is None else seed
         ref = reference_dataset(cfg.data, ec.reference)
         self.kind = ref.kind
+        self.ref_shape = ref.shape  # what a --samples file must match (cmkit.evaluation.samples)
         # ref.name, not cfg.data.name: a prepared copy of the bundled MNIST is named mnist (its classifier applies)
         self.extractor: Extractor = build_extractor(features or ec.features, ref.name, ref.kind,
                                                     ec.inception_weights)
@@ -105,6 +110,13 @@ class Evaluator:
                                             "weights_sha256": autoencoder.identity()}
         if self.extractor.info:
             self.protocol["features_info"] = self.extractor.info
+        self.confidence = None  # bundled digit sets: the committed classifier's confidence, whatever the features
+        if ref.kind == "image" and base_name(cfg.data.name) in CLASSIFIERS:
+            self.confidence, sha = classifier_confidence(base_name(cfg.data.name))
+            self.protocol["confident"] = (f"fraction of samples whose committed {base_name(cfg.data.name)} classifier "
+                                          f"gives max softmax >= {CONFIDENCE_THRESHOLD}")
+            self.protocol["confidence_weights_sha256"] = sha
+            self.protocol["metrics"].append("confident")
         if self.low_dim:
             self.protocol["swd_projections"] = SWD_PROJECTIONS
             self.protocol["mmd_kernel"] = f"gaussian, bandwidth = median reference distance = {self.bandwidth:.6g}"
@@ -117,6 +129,8 @@ class Evaluator:
         mu, sigma = feature_statistics(feats)
         out = {"fd": frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)}
         out["precision"], out["recall"] = precision_recall(self.ref_feats, feats, self.k, real_radii=self.ref_radii)
+        if self.confidence is not None:
+            out["confident"] = self.confidence(samples)
         if self.low_dim:
             out["swd"] = sliced_wasserstein(feats, self.ref_feats, SWD_PROJECTIONS, self.seed)
             out["mmd"] = mmd(_subset(feats, MAX_MMD_POINTS, self.seed), _subset(self.ref_feats, MAX_MMD_POINTS, self.seed),
@@ -141,6 +155,13 @@ class Evaluator:
             row["sec_per_sample"] = seconds / n
             results[str(k_steps)] = row
         return results
+
+
+def evaluate_samples(path, cfg, **kw) -> dict:
+    """A file's samples (any generator) with cfg's protocol; see cmkit.evaluation.samples."""
+    from cmkit.evaluation.samples import evaluate_samples as run
+
+    return run(path, cfg, **kw)
 
 
 def _check_steps(steps: list[int]) -> None:
@@ -173,13 +194,20 @@ def evaluate_run(run_dir: str | Path, steps: list[int] | None = None, n: int | N
     results = evaluator.evaluate(
         lambda s, m, sd: run.sample(m, s, seed=sd, ema=ema, batch_size=batch_size), model, cfg.eval.steps, cfg.eval.n)
     protocol = {**evaluator.protocol, "n_generated": cfg.eval.n, "sampler_steps": cfg.eval.steps,
-                "weights": f"ema {cfg.train.ema[cfg.train.ema_sample]}" if ema else "student (no EMA)",
+                "weights": _weights_label(run, ema),
                 "nimg": run.nimg, "method": cfg.method.name, "cmkit_version": __version__, "device": device}
     report = json_safe({"protocol": protocol, "steps": {key: _mark_diverged(row) for key, row in results.items()}})
     path = Path(out) if out is not None else Path(run_dir) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")  # strict JSON: no Infinity/NaN
     return report
+
+
+def _weights_label(run, ema: bool) -> str:
+    if not ema:
+        return "student (no EMA)"
+    label = run.ema.labels[run.cfg.train.ema_sample]
+    return label + (" (post-hoc reconstruction, cmkit ema-reconstruct)" if getattr(run, "posthoc", None) else "")
 
 
 def _is_nonfinite(v) -> bool:
@@ -223,7 +251,7 @@ def evaluate_during_training(trainer, evaluator: Evaluator) -> dict[str, float]:
 
 def format_table(report: dict) -> str:
     """The metrics of a report as a plain-text table, one row per step count."""
-    rows = report["steps"]
+    rows = report["steps"] if "steps" in report else {"file": report["samples"]}
     names = []
     for row in rows.values():
         names += [k for k in row if k not in names]

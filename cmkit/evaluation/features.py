@@ -74,6 +74,27 @@ def classifier_extractor(dataset_name: str, weights: str | Path | None = None) -
     return Extractor(f"{dataset_name}-cnn", file_sha256(path), fn, info=info)
 
 
+CONFIDENCE_THRESHOLD = 0.9  # issue 20: the share of samples the committed classifier is this sure about
+
+
+def classifier_confidence(dataset_name: str) -> tuple[Callable[[torch.Tensor], float], str]:
+    """(fn, weights sha256): fn(images in [0, 1]) = the fraction whose committed classifier's max softmax
+    probability is >= CONFIDENCE_THRESHOLD (a readability figure: unreadable strokes get low confidence)."""
+    filename, size = CLASSIFIERS[dataset_name]
+    path = WEIGHTS_DIR / filename
+    net, _ = load_classifier(path)
+
+    @torch.no_grad()
+    def fn(x: torch.Tensor) -> float:
+        hits = 0
+        for i in range(0, len(x), 500):
+            probs = torch.softmax(net(centre_crop(x[i:i + 500].float(), size)), dim=1)
+            hits += int((probs.max(dim=1).values >= CONFIDENCE_THRESHOLD).sum())
+        return hits / len(x)
+
+    return fn, file_sha256(path)
+
+
 def raw_extractor() -> Extractor:
     """Low-dimensional data: the samples themselves, flattened (data units)."""
     return Extractor("raw", "", lambda x: x.reshape(len(x), -1), batch_size=100_000)

@@ -1,0 +1,108 @@
+"""Evaluating any generator's samples from a file with a run's protocol: ``cmkit eval --samples FILE.npz``.
+
+The file holds one array (``samples``, or a file's only array such as numpy's default ``arr_0``): images
+as (n, C, H, W) or (n, H, W, C), float in [0, 1] or [-1, 1] or uint8 in [0, 255]; vectors as (n, D) in
+data units. The images are mapped to [0, 1], and from there on the numbers are computed exactly as for a
+run (``Evaluator.metrics``), so a cmkit run and another codebase's samples compare on equal terms.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cmkit.config import ConfigError
+
+RANGE_TOLERANCE = 1e-4  # float rounding at the ends of [0, 1] / [-1, 1]
+RANGES = ("auto", "01", "11")
+
+
+def read_sample_array(path: str | Path) -> np.ndarray:
+    """The samples array of an .npz (key ``samples``, else its only array) or .npy file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--samples '{path}' does not exist")
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        with np.load(path, allow_pickle=False) as f:
+            keys = list(f.keys())
+            if "samples" in keys:
+                return f["samples"]
+            if len(keys) == 1:
+                return f[keys[0]]
+    except (OSError, ValueError, EOFError) as e:
+        raise ConfigError(f"--samples '{path}' is not a readable .npz/.npy file ({e})") from None
+    raise ConfigError(f"--samples '{path}' holds arrays {', '.join(keys) or '(none)'}: name the samples array "
+                      f"'samples' (np.savez(path, samples=x)) or store only one array")
+
+
+def to_data_space(x: np.ndarray, kind: str, shape: tuple[int, ...], value_range: str = "auto",
+                  name: str = "--samples") -> tuple[torch.Tensor, str]:
+    """Check shape, finiteness and range; return float32 data-space samples and the range they were read as."""
+    if x.dtype.kind not in "fiu" or x.dtype.kind == "c":
+        raise ConfigError(f"{name}: samples of dtype {x.dtype} are not numbers")
+    if kind == "vector":
+        if x.ndim != 2 or tuple(x.shape[1:]) != tuple(shape):
+            raise ConfigError(f"{name}: vector samples must have shape (n, {shape[0]}) for this data, got {x.shape}")
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if not torch.isfinite(t).all():
+            raise ConfigError(f"{name}: {int((~torch.isfinite(t)).sum())} values are NaN or infinite")
+        return t, "data units"
+    c, h, w = shape
+    if x.ndim == 4 and x.shape[1:] != (c, h, w) and x.shape[1:] == (h, w, c):
+        x = x.transpose(0, 3, 1, 2)  # channels-last (n, H, W, C), the layout most codebases save
+    if x.ndim != 4 or x.shape[1:] != (c, h, w):
+        raise ConfigError(f"{name}: image samples must have shape (n, {c}, {h}, {w}) or (n, {h}, {w}, {c}) for this "
+                          f"data, got {x.shape} (a padded reference needs data.pad_to in the --config file)")
+    if x.dtype.kind in "iu":
+        if x.min() < 0 or x.max() > 255:
+            raise ConfigError(f"{name}: integer samples must lie in [0, 255], got [{x.min()}, {x.max()}]")
+        return torch.from_numpy(x.astype(np.float32) / 255), "uint8 [0, 255]"
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if not torch.isfinite(t).all():
+        raise ConfigError(f"{name}: {int((~torch.isfinite(t)).sum())} values are NaN or infinite")
+    lo, hi = float(t.min()), float(t.max())
+    if value_range not in RANGES:
+        raise ConfigError(f"--range '{value_range}' is not valid. Choose one of: {', '.join(RANGES)}")
+    if value_range == "auto":
+        value_range = "11" if lo < 0 else "01"
+    a, b = (0.0, 1.0) if value_range == "01" else (-1.0, 1.0)
+    if lo < a - RANGE_TOLERANCE or hi > b + RANGE_TOLERANCE:
+        raise ConfigError(f"{name}: image values span [{lo:.4g}, {hi:.4g}], outside [{a:g}, {b:g}]: give images in "
+                          f"[0, 1] or [-1, 1] (clip them as a sampler does) or uint8 in [0, 255]")
+    if value_range == "11":
+        t = (t + 1) / 2
+    return t.clamp(0, 1), f"[{a:g}, {b:g}]"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def evaluate_samples(path: str | Path, cfg, *, value_range: str = "auto", out: str | Path | None = None) -> dict:
+    """Metrics of a file's samples against cfg's reference (cfg.data, cfg.eval); write and return the report."""
+    from cmkit import __version__
+    from cmkit.evaluation import Evaluator, _mark_diverged, json_safe
+
+    evaluator = Evaluator(cfg)
+    shape = tuple(evaluator.ref_shape)
+    x, read_as = to_data_space(read_sample_array(path), evaluator.kind, shape, value_range)
+    if len(x) <= evaluator.k:
+        raise ConfigError(f"--samples holds {len(x)} samples: precision/recall with k={evaluator.k} needs more")
+    row = evaluator.metrics(x)
+    protocol = {**evaluator.protocol, "n_generated": int(len(x)), "samples_file": str(path),
+                "samples_sha256": file_sha256(path), "samples_range": read_as, "cmkit_version": __version__}
+    report = json_safe({"protocol": protocol, "samples": _mark_diverged(row)})
+    target = Path(out) if out is not None else Path(path).with_name(Path(path).stem + "_metrics.json")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    return report
