@@ -101,6 +101,8 @@ def check_checkpoint_belongs(run_dir: Path, checkpoint: Path, meta: dict) -> Non
     if not isinstance(own, dict) or not isinstance(meta.get("config"), dict):
         return  # nothing to compare with: the checkpoint defines the run
     diffs = config_differences(own, meta["config"])
+    if meta.get("posthoc"):  # cmkit ema-reconstruct rewrites the EMA settings to the one reconstructed profile
+        diffs = [d for d in diffs if not d.startswith("train.ema")]
     if diffs:
         home = checkpoint.resolve().parent.parent
         home = home.parent if home.name == "checkpoints" else home  # checkpoints/milestones/ckpt-...
