@@ -8,7 +8,6 @@ run (``Evaluator.metrics``), so a cmkit run and another codebase's samples compa
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from cmkit.config import ConfigError
+from cmkit.evaluation.classifier import file_sha256
 
 RANGE_TOLERANCE = 1e-4  # float rounding at the ends of [0, 1] / [-1, 1]
 RANGES = ("auto", "01", "11")
@@ -78,14 +78,6 @@ def to_data_space(x: np.ndarray, kind: str, shape: tuple[int, ...], value_range:
     if value_range == "11":
         t = (t + 1) / 2
     return t.clamp(0, 1), f"[{a:g}, {b:g}]"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def evaluate_samples(path: str | Path, cfg, *, value_range: str = "auto", out: str | Path | None = None) -> dict:
