@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
+
+from ladder_common import format_row, train_and_score, write_json
 
 RUNGS = [
     ("iCT (Pseudo-Huber)", ["method.name=ict"]),
@@ -55,11 +56,9 @@ def main() -> None:
 
     from cmkit.config import load_config
     from cmkit.data import load_dataset
-    from cmkit.evaluation import evaluate_run
     from cmkit.latent.autoencoder import AEConfig, save_autoencoder, train_autoencoder
     from cmkit.evaluation import Evaluator
     from cmkit.latent.stats import format_stats, outlier_stats, td_values
-    from cmkit.train import train
 
     # 1. The autoencoder (reused when it exists).
     ae_dir = out / "ae"
@@ -107,7 +106,7 @@ def main() -> None:
         summary = {"budget": vars(args), "autoencoder": {k: ae_info[k] for k in ("reconstruction_mse", "steps", "train_seconds")},
                    "stats": stats, "reference_fd": floors, "ladder": results,
                    "protocol": report["protocol"] if report else None}
-        (out / "ladder.json").write_text(json.dumps(summary, indent=2, default=float))
+        write_json(out / "ladder.json", summary)
 
     report = None
     for idx, (name, over) in enumerate(RUNGS):
@@ -122,15 +121,7 @@ def main() -> None:
             "run.sample_steps=[1]", f"run.log_every={max(args.steps // 5, 1)}", "run.checkpoint_every=0",
             f"eval.n={args.n_eval}", f"eval.steps={list(args.eval_steps)}".replace(" ", ""),
         ])
-        start = time.perf_counter()
-        train(cfg, force=True)
-        seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        report = evaluate_run(run_dir, steps=list(args.eval_steps), n=args.n_eval)
-        eval_seconds = time.perf_counter() - start
-        entry = {"overrides": over, "train_seconds": round(seconds, 1), "eval_seconds": round(eval_seconds, 1)}
-        for k, row in report["steps"].items():
-            entry[f"{k}step"] = {m: row[m] for m in ("fd", "precision", "recall", "nfe") if m in row}
+        entry, report = train_and_score(cfg, run_dir, args.eval_steps, args.n_eval, over)
         if args.n_td > 0:
             from cmkit.run import load
 
@@ -138,9 +129,7 @@ def main() -> None:
             entry["td_stats_N21"] = outlier_stats(td)
         results[name] = entry
         write_summary(report)
-        fds = "  ".join(f"FD({k} step) {entry[f'{k}step']['fd']:8.2f} P {entry[f'{k}step']['precision']:.3f} "
-                        f"R {entry[f'{k}step']['recall']:.3f}" for k in report["steps"])
-        print(f"{name:22s} {fds}  (train {seconds:.0f} s, eval {eval_seconds:.0f} s)", flush=True)
+        print(format_row(name, entry, list(report["steps"])), flush=True)
         if "td_stats_N21" in entry:
             print(format_stats(f"  TD (N=21) of {name}", entry["td_stats_N21"]), flush=True)
 
