@@ -98,7 +98,7 @@ def test_cli_overrides_may_follow_options(tmp_path, capsys):
 @pytest.mark.slow
 def test_ict_learns_eight_gaussians(tmp_path):
     # A short iCT run: one-step samples must be much closer to the data than the untrained model's.
-    args = ["train.steps=1000", "train.batch_size=256", "run.progress=false", "run.tensorboard=false",
+    args = ["train.steps=500", "train.batch_size=256", "run.progress=false", "run.tensorboard=false",
             f"run.dir={tmp_path}", "run.sample_steps=[1]", "train.ema=[0.99]"]
     cfg = load_config("configs/ict_toy.yaml", args)
     from cmkit.run import load
