@@ -980,3 +980,27 @@ def test_fp16_autocast_sct_residual_is_zero_and_gradient_matches_fp32(monkeypatc
         rel[scale] = ((grad16 - grad32).norm() / grad32.norm()).item()
     assert rel[2.0**16] < 0.005, rel  # with loss scaling the fp16 gradient is the fp32 one ...
     assert rel[1.0] > 0.1, rel  # ... without it, fp16 gradients of ~1e-4/D underflow (why sCD fp16 needs scaling)
+
+
+def test_guidance_term_reaches_the_student_gradient(monkeypatch):
+    """Issue 15's contract for sCD with guidance: the CFG part of the teacher velocity, F(·,∅) + w·(F(·,c) − F(·,∅))
+    instead of F(·,c), changes the student's θ-gradient by a non-trivial amount. The student sees the same w in
+    both calls; only the teacher's guided combination is switched off in the second (w = 1 in the velocity)."""
+    obj = _guided(guidance_range=[1.0, 3.0])
+    x0, z, t, labels, _ = _guided_draw()
+    w = torch.full((8,), 2.5, dtype=torch.float64)
+    params = [p for p in obj.model.parameters() if p.requires_grad]
+
+    def grad():
+        obj.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        obj.consistency_loss(x0, z, t, labels, guidance=w)["loss"].mean().backward()
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+
+    guided = grad()
+    velocity = obj.velocity
+    monkeypatch.setattr(obj, "velocity", lambda x0_, z_, x_t, t_, labels_, w_: velocity(
+        x0_, z_, x_t, t_, labels_, torch.ones_like(w_)))
+    conditional_only = grad()
+    assert torch.isfinite(guided).all() and all(p.grad is None for p in obj.teacher.parameters())
+    assert (guided - conditional_only).norm() > 0.01 * guided.norm()
