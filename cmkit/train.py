@@ -128,9 +128,6 @@ class Trainer:
             self.ema = EMA.from_config(self.objective.model, tc)  # fixed rates (warm-up), power-function profiles
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if not 0 <= tc.ema_sample < len(self.ema.modules):
-            raise ConfigError(f"train.ema_sample={tc.ema_sample} must index train.ema followed by train.ema_std "
-                              f"(0..{len(self.ema.modules) - 1})")
         self.phases = self.objective.phases
         self.main_phase = main_phase(self.phases)
         try:

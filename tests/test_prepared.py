@@ -358,3 +358,22 @@ def test_analytic_teacher_refuses_prepared_data_clearly(tmp_path):
     prepare_images(str(src), tmp_path / "prep", progress=False)
     with pytest.raises(ConfigError, match="method.teacher=analytic"):
         analytic_teacher(VEProcess(), (1, 4, 4), DataConfig(name="prepared", path=str(tmp_path / "prep")))
+
+
+def test_sigma_data_auto_streams_a_prepared_dataset(tmp_path):
+    """method.sigma_data=auto on a memmap: the chunked std equals torch's std of the same images held in memory."""
+    import numpy as np
+    import torch
+
+    from cmkit.config import load_config
+    from cmkit.data import load_dataset
+    from cmkit.objectives.consistency import resolve_sigma_data
+
+    src = tmp_path / "x.npy"
+    np.save(src, np.random.default_rng(1).integers(0, 256, (5000, 1, 4, 4), dtype=np.uint8))
+    prepare_images(str(src), tmp_path / "prep", progress=False)
+    cfg = load_config(None, ["data.name=prepared", f"data.path={tmp_path / 'prep'}", "data.split=all",
+                             "method.name=ict", "method.sigma_data=auto"])
+    data = load_dataset(cfg.data)
+    in_memory = data.x[torch.arange(len(data))].double().std().item()
+    assert abs(resolve_sigma_data(cfg, data.x).method.sigma_data - round(in_memory, 6)) < 2e-6

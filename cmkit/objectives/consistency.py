@@ -115,12 +115,17 @@ class ConsistencyConfig:
             ve_process(self)  # method.mid_sigmas inside (sigma_min, sigma_max), decreasing
 
 
-def resolve_sigma_data(cfg, x: torch.Tensor):
+def resolve_sigma_data(cfg, x):
     """cfg with method.sigma_data=auto replaced by the std of the (normalised) training data x over all elements,
     as EDM sets σ_data from the data; the resolved number is what the run's config.yaml records. Else cfg itself."""
     if getattr(cfg.method, "sigma_data", None) != "auto":
         return cfg
-    std = float(x.detach().double().std())
+    # Streamed in row chunks (float64 sums), so a memory-mapped prepared dataset is never decoded whole.
+    n, total, total_sq, count = len(x), 0.0, 0.0, 0
+    for start in range(0, n, 4096):
+        rows = x[torch.arange(start, min(start + 4096, n))].double()
+        total, total_sq, count = total + float(rows.sum()), total_sq + float(rows.square().sum()), count + rows.numel()
+    std = math.sqrt(max(total_sq - total * total / count, 0.0) / max(count - 1, 1))  # unbiased, as Tensor.std
     if not std > 0:
         raise ConfigError(f"method.sigma_data=auto: the training data's std is {std}; give method.sigma_data=<number>")
     return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, sigma_data=round(std, 6)))
