@@ -21,6 +21,7 @@ from cmkit.nets.diffusers_unet import (  # noqa: E402
     generic_unet_config,
 )
 from cmkit.nets.discriminator import build_discriminator  # noqa: E402
+from nethelpers import perturbed_double, rel_err
 
 
 def tiny(**kw) -> NetConfig:
@@ -32,18 +33,6 @@ def tiny(**kw) -> NetConfig:
 
 def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-def perturbed_double(net: torch.nn.Module) -> torch.nn.Module:
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return net.double()
 
 
 # ----------------------------------------------------------------------------

@@ -14,22 +14,11 @@ from torch.func import jvp, vjp
 from cmkit.config import NetConfig, load_config
 from cmkit.nets import build_network
 from cmkit.nets.dit import DiT, sincos_2d, timestep_features
+from nethelpers import perturbed_double, rel_err
 
 
 def tiny(**kw) -> NetConfig:
     return NetConfig(**{**dict(name="dit", hidden=32, depth=2, num_heads=2, patch_size=2), **kw})
-
-
-def perturbed_double(net):
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return net.double()
-
-
-def rel_err(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("preset,published", [("DiT-S/2", 33e6), ("DiT-B/2", 130e6), ("DiT-L/2", 458e6),

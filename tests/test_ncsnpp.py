@@ -13,6 +13,7 @@ from torch.func import jvp, vjp
 from cmkit.config import NetConfig, load_config
 from cmkit.nets import build_network
 from cmkit.nets.ncsnpp import FIR, AttnBlock, BigGANBlock, FIRDownConv, NCSNpp
+from nethelpers import perturb, rel_err
 
 # Score SDE's NCSNpp (yang-song/score_sde_pytorch @ cb1f359) instantiated on CPU by scripts/ncsnpp_reference.py:
 # configs/ve/cifar10_ncsnpp_continuous.py 62,758,915 parameters, of which 128 are the frozen Fourier W
@@ -25,18 +26,6 @@ def tiny(**kw) -> NCSNpp:
     """Two levels on 8x8 inputs, 8 channels (GroupNorm with 8 // 4 = 2 groups), attention at 4x4."""
     base = dict(channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=0.0)
     return NCSNpp((2, 8, 8), **{**base, **kw})
-
-
-def perturb(net: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
-    """Noise on every parameter, so the zero-initialised convolutions take part."""
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(std * torch.randn_like(p))
-    return net
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def count(cfg_path: str, *overrides: str) -> int:

@@ -19,6 +19,7 @@ from cmkit.nets.layers import (
     make_norm,
 )
 from cmkit.nets.unet import UNet
+from nethelpers import perturb, rel_err
 
 
 def unet_cfg(**kw) -> NetConfig:
@@ -29,18 +30,6 @@ def unet_cfg(**kw) -> NetConfig:
 
 def mlp_cfg(**kw) -> NetConfig:
     return NetConfig(**{**dict(name="mlp", hidden=32, depth=2), **kw})
-
-
-def perturb(net: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
-    """Add noise to every parameter so zero-initialised layers (ResBlock conv2, attention proj) take part."""
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(std * torch.randn_like(p))
-    return net
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def central_fd(f, primals, tangents, eps: float = 1e-6):
