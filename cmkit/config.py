@@ -97,6 +97,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_nimg: int = 0  # linear learning-rate warm-up over this many images
     lr_ref_nimg: int = 0  # EDM2 inverse-sqrt decay: lr / √max(nimg / lr_ref_nimg, 1) (Karras et al. 2024); 0 = constant
+    lr_decay: str = "none"  # none | cosine | linear: anneal from the end of warm-up to lr_final × lr at the last step
+    lr_final: float = 0.0  # lr_decay's end point, as a fraction of the base lr
     grad_clip: float = 0.0  # clip the global gradient norm; 0 = off
     ema: list[float] = field(default_factory=lambda: [0.9999])  # student EMA decay rates
     ema_sample: int = 0  # which EMA rate (index) sampling and evaluation use
@@ -121,6 +123,10 @@ class TrainConfig:
             raise ValueError("train.lr must be > 0; train.grad_clip, train.warmup_nimg, train.weight_decay >= 0")
         if not self.eps > 0 or self.lr_ref_nimg < 0:
             raise ValueError("train.eps must be > 0 and train.lr_ref_nimg >= 0 (0 = no inverse-sqrt decay)")
+        if self.lr_decay not in ("none", "cosine", "linear"):
+            raise ValueError(f"train.lr_decay='{self.lr_decay}' is not valid. Choose one of: none, cosine, linear")
+        if not 0 <= self.lr_final <= 1:
+            raise ValueError(f"train.lr_final={self.lr_final} must be in [0, 1] (a fraction of train.lr)")
         if self.max_bad_steps < 0 or self.spike_factor < 0:
             raise ValueError("train.max_bad_steps and train.spike_factor must be >= 0")
         from cmkit.ema import profiles_of

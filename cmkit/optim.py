@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from cmkit.config import ConfigError
-from cmkit.schedules import lr_inv_sqrt, lr_warmup
+from cmkit.schedules import lr_anneal, lr_inv_sqrt, lr_warmup
 
 OPTIMIZERS = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}
 
@@ -51,5 +51,11 @@ def make_optimizer(params, settings: OptimSettings) -> torch.optim.Optimizer:
 
 
 def lr_multiplier(nimg: int, tcfg) -> float:
-    """The schedule's factor on every phase's base lr: warm-up × inverse-square-root decay."""
-    return lr_warmup(nimg, tcfg.warmup_nimg) * lr_inv_sqrt(nimg, tcfg.lr_ref_nimg)
+    """The schedule's factor on every phase's base lr: warm-up × inverse-square-root decay × annealing.
+
+    The annealing (``train.lr_decay``) runs from the end of the warm-up to the run's last image,
+    train.steps × train.batch_size, where it reaches ``train.lr_final`` × lr.
+    """
+    total = tcfg.steps * tcfg.batch_size
+    return (lr_warmup(nimg, tcfg.warmup_nimg) * lr_inv_sqrt(nimg, tcfg.lr_ref_nimg)
+            * lr_anneal(nimg, tcfg.warmup_nimg, total, tcfg.lr_decay, tcfg.lr_final))

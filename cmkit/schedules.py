@@ -156,6 +156,22 @@ def lr_inv_sqrt(nimg: int, ref_nimg: int) -> float:
     return 1.0 / math.sqrt(max(nimg / ref_nimg, 1.0))
 
 
+def lr_anneal(nimg: int, start_nimg: int, end_nimg: int, kind: str, final: float = 0.0) -> float:
+    """Learning-rate multiplier annealed from 1 at start_nimg to ``final`` at end_nimg, then held.
+
+    cosine: final + (1 − final)·½(1 + cos(π·u)); linear: 1 − (1 − final)·u, with u = clip((nimg − start)/(end −
+    start), 0, 1) (SGDR's cosine, Loshchilov & Hutter 2017, without restarts). kind "none" is 1 throughout.
+    """
+    if kind == "none" or end_nimg <= start_nimg:
+        return 1.0
+    u = min(max((nimg - start_nimg) / (end_nimg - start_nimg), 0.0), 1.0)
+    if kind == "cosine":
+        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * u))
+    if kind == "linear":
+        return 1.0 - (1.0 - final) * u
+    raise ValueError(f"lr decay kind '{kind}' is not valid. Choose one of: none, cosine, linear")
+
+
 # ----------------------------------------------------------------------------
 # Adversarial weights and blur (ACT, CM-GAN).
 

@@ -146,3 +146,34 @@ def test_phase_settings_override_train_defaults_and_reach_the_optimiser():
     assert isinstance(opt, torch.optim.Adam) and group["lr"] == 2e-3 and group["betas"] == (0.0, 0.99)
     assert group["eps"] == 1e-6  # not overridden: the train section's value
     assert phase_settings(tc).lr == 3e-4
+
+
+def test_lr_anneal_hand_values():
+    """Cosine and linear annealing: 1 at the start, the final fraction at the end, hand values between."""
+    import math
+
+    from cmkit.schedules import lr_anneal
+
+    assert lr_anneal(0, 0, 100, "cosine") == 1.0 and lr_anneal(100, 0, 100, "cosine") == 0.0
+    assert abs(lr_anneal(50, 0, 100, "cosine") - 0.5) < 1e-15
+    assert abs(lr_anneal(25, 0, 100, "cosine") - (1 + math.sqrt(0.5)) / 2) < 1e-15  # ½(1 + cos(π/4))
+    assert abs(lr_anneal(50, 0, 100, "cosine", final=0.2) - 0.6) < 1e-15
+    assert lr_anneal(75, 50, 150, "linear") == 0.75 and lr_anneal(10, 50, 150, "linear") == 1.0
+    assert abs(lr_anneal(150, 50, 150, "linear", final=0.1) - 0.1) < 1e-15 and lr_anneal(999, 50, 150, "linear") == 0.0
+    assert lr_anneal(50, 0, 100, "none") == 1.0
+
+
+def test_lr_multiplier_composes_warmup_and_anneal():
+    """train.lr_decay anneals from the end of warm-up to steps × batch_size; warm-up still ramps before it."""
+    from cmkit.config import TrainConfig
+    from cmkit.optim import lr_multiplier
+
+    tc = TrainConfig(steps=100, batch_size=10, warmup_nimg=200, lr_decay="linear", lr_final=0.0)
+    assert lr_multiplier(100, tc) == 0.5  # half-way through warm-up, no decay yet
+    assert lr_multiplier(200, tc) == 1.0
+    assert abs(lr_multiplier(600, tc) - 0.5) < 1e-12  # (600 − 200) / (1000 − 200) = ½ of the way down
+    assert lr_multiplier(1000, tc) == 0.0
+    with pytest.raises(ValueError, match="train.lr_decay"):
+        TrainConfig(lr_decay="step").validate()
+    with pytest.raises(ValueError, match="train.lr_final"):
+        TrainConfig(lr_final=1.5).validate()

@@ -16,7 +16,10 @@ sCM's options, each selected by the shared NetConfig keys:
   y = pnorm(y)⊙pnorm(s(t)) + pnorm(b(t)) (pnorm = EDM2's pixel norm, which also stands for norm(·), since
   EDM2 has no group norm). How sCM fits it into EDM2's block is in its App. G, which the extracted text lacks;
   this reading adds one emb→width projection per block (b(t); the gain goes): 293.9M parameters at EDM2-S
-  against EDM2's 280.2M, while sCM Table 2 lists 280M for its EDM2-S models too.
+  against EDM2's 280.2M. sCM Table 2's 280M is EDM2-S's size label, not a count of the modified network: the
+  table gives the same 280M / 498M / 778M / 1.1B / 1.5B to EDM2-S…XXL as published, to its own teachers
+  ("based on EDM2 but with modifications in Sec. 4.1", †) and to sCT/sCD-S…XXL alike. The 1%-test is
+  therefore on the unmodified EDM2-S count (280.2M, tests/test_edm2.py), and the addition is counted exactly.
 - ``logvar(c_noise)``: EDM2's learned log-variance u(σ) (EDM2 Eq. 21; MPFourier/positional features of
   width ``net.logvar_channels``, 128 in EDM2, and one MPConv), the w_φ(t) of sCM Eq. 8;
   ``cmkit.objectives.scm`` uses it when ``has_logvar``. Off by default (``net.logvar_channels=0``): a head

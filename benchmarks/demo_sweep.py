@@ -1,0 +1,127 @@
+"""The `make demo` recipe sweep (issue 20): variants of configs/ict_mnist_demo.yaml at one training budget.
+
+Each variant is a list of key=value overrides on the demo config, sized to about the demo's training cost
+(its steps scaled by the measured cost of one step relative to the demo's: batch, channels and method).
+Every variant also tracks extra EMAs (train.ema gets 0.99 / 0.995 / 0.999 after its own rate, and the
+power-function profiles σ_rel 0.05 / 0.10), which do not change training; all are scored, the variant's
+own EMA (index 0, what `make demo` would show) first. Scores: `cmkit eval`'s protocol on MNIST (1,000
+samples, one and two steps, FD in the committed classifier's features, precision/recall, and
+`confident` = share of samples the classifier labels with max softmax >= 0.9).
+
+One process per variant, one thread each; each writes OUT/NAME/result.json, so two processes can share the
+2 cores and a cut sweep keeps what finished. --report prints the Markdown table.
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/demo_sweep.py --out /tmp/demo_sweep --variants base cosine
+    python benchmarks/demo_sweep.py --out /tmp/demo_sweep --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from cmkit.config import merge_overrides, read_config_file
+from cmkit.configure import from_dict
+from cmkit.evaluation import Evaluator
+from cmkit.run import load
+from cmkit.sampling import sample_batched
+from cmkit.train import train
+
+DEMO = "configs/ict_mnist_demo.yaml"
+EXTRA_EMA = [0.99, 0.995, 0.999]
+EMA_STD = [0.05, 0.1]
+# name -> overrides of the demo config. Step counts keep the training cost near 1,250 steps of the demo's
+# batch-64, ch-16 iCT step (measured on one core: batch 32 costs 0.5x, sCT 1.85x, channels 24 about 1.7x).
+VARIANTS: dict[str, list[str]] = {
+    "base": ["train.steps=1250"],
+    "cosine": ["train.steps=1250", "train.lr_decay=cosine"],
+    "linear": ["train.steps=1250", "train.lr_decay=linear"],
+    "lr2e-3_cos": ["train.steps=1250", "train.lr=2e-3", "train.lr_decay=cosine"],
+    "b32_cos": ["train.steps=2500", "train.batch_size=32", "train.lr_decay=cosine"],
+    "b32": ["train.steps=2500", "train.batch_size=32"],
+    "b128_cos": ["train.steps=625", "train.batch_size=128", "train.lr=2e-3", "train.lr_decay=cosine"],
+    "s1_40_cos": ["train.steps=1250", "method.s1=40", "train.lr_decay=cosine"],
+    "s1_160_cos": ["train.steps=1250", "method.s1=160", "train.lr_decay=cosine"],
+    "adam_cos": ["train.steps=1250", "train.optimizer=adam", "train.betas=[0.9,0.99]", "train.lr_decay=cosine"],
+    "dropout_cos": ["train.steps=1250", "net.dropout=0.1", "train.lr_decay=cosine"],
+    "noattn_cos": ["train.steps=1400", "net.attn_resolutions=[]", "train.lr_decay=cosine"],
+    "sct_cos": ["train.steps=675", "method.name=sct", "method.tangent_warmup=100", "net.embedding=positional",
+                "net.modulation=double_norm", "train.lr=5e-4", "train.betas=[0.9,0.99]", "train.lr_decay=cosine"],
+}
+
+
+def demo_config(overrides: list[str]):
+    """The demo config with overrides; a method.name override replaces the demo's whole method section."""
+    raw = read_config_file(DEMO)
+    if any(o.startswith("method.name=") and o != "method.name=ict" for o in overrides):
+        raw["method"] = {}
+    return from_dict(merge_overrides(raw, overrides))
+
+
+def run_variant(name: str, overrides: list[str], out: Path, n: int) -> dict:
+    run_dir = out / name
+    base = demo_config(overrides)
+    own = base.train.ema
+    emas = own + [e for e in EXTRA_EMA if e not in own]
+    extra = [f"train.ema=[{','.join(map(str, emas))}]", f"train.ema_std=[{','.join(map(str, EMA_STD))}]",
+             "train.threads=1", f"run.dir={run_dir}", "run.progress=false", "run.tensorboard=false",
+             "run.sample_n=100"]
+    cfg = demo_config(overrides + extra)
+    start = time.perf_counter()
+    train(cfg, force=True)
+    train_sec = time.perf_counter() - start
+    run = load(run_dir)
+    ev = Evaluator(replace(run.cfg, eval=replace(run.cfg.eval, n=n)))
+    scores = {}
+    for i, label in enumerate(run.ema.labels):
+        def fn(s, m, sd, i=i):
+            return run.dataset.to_data_space(sample_batched(
+                run.ema.modules[i], m, run.dataset.shape, run.objective.sample_times(s),
+                sampler=run.objective.sampler, seed=sd, device=run.device, guidance=run.objective.sample_guidance))
+        res = ev.evaluate(fn, run.model(True), [1, 2], n)
+        scores[label] = {f"{m}_{k}": res[str(k)][m] for k in (1, 2) for m in ("fd", "confident", "precision", "recall")}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    result = {"name": name, "overrides": overrides, "steps": cfg.train.steps, "batch": cfg.train.batch_size,
+              "nimg": summary["nimg"], "train_sec": round(train_sec, 1), "own_ema": run.ema.labels[0],
+              "scores": scores, "date": time.strftime("%Y-%m-%d %H:%M")}
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({"name": name, "train_sec": result["train_sec"], **scores[run.ema.labels[0]]}), flush=True)
+    return result
+
+
+def report(out: Path) -> str:
+    rows = ["| variant | steps × batch | train s (1 thread) | FD 1-step | conf. 1-step | FD 2-step | conf. 2-step "
+            "| best EMA (by 1-step FD): FD 1 / conf. 1 / FD 2 |", "|" + " --- |" * 8]
+    for path in sorted(out.glob("*/result.json"), key=lambda p: p.stat().st_mtime):
+        r = json.loads(path.read_text())
+        own = r["scores"][r["own_ema"]]
+        best_label, best = min(r["scores"].items(), key=lambda kv: kv[1]["fd_1"])
+        rows.append(f"| {r['name']} | {r['steps']} × {r['batch']} | {r['train_sec']:.0f} | {own['fd_1']:.2f} | "
+                    f"{own['confident_1']:.3f} | {own['fd_2']:.2f} | {own['confident_2']:.3f} | {best_label}: "
+                    f"{best['fd_1']:.2f} / {best['confident_1']:.3f} / {best['fd_2']:.2f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--report", action="store_true")
+    p.add_argument("--set", nargs="*", default=[], help="extra key=value for a variant named 'custom'")
+    args = p.parse_args()
+    if args.report:
+        print(report(args.out))
+        return
+    for name in args.variants:
+        if (args.out / name / "result.json").is_file():
+            continue
+        overrides = args.set if name.startswith("custom") else VARIANTS[name]
+        run_variant(name, overrides, args.out, args.n)
+
+
+if __name__ == "__main__":
+    main()
