@@ -42,6 +42,13 @@ VARIANTS: dict[str, list[str]] = {
     "lr2e-3_cos": ["train.steps=1250", "train.lr=2e-3", "train.lr_decay=cosine"],
     "b32_cos": ["train.steps=2500", "train.batch_size=32", "train.lr_decay=cosine"],
     "b32": ["train.steps=2500", "train.batch_size=32"],
+    "b16": ["train.steps=3900", "train.batch_size=16"],
+    "b32_s1_40": ["train.steps=2500", "train.batch_size=32", "method.s1=40"],
+    "b32_s1_160": ["train.steps=2500", "train.batch_size=32", "method.s1=160"],
+    "b32_lr2e-3": ["train.steps=2500", "train.batch_size=32", "train.lr=2e-3"],
+    "b32_lr5e-4": ["train.steps=2500", "train.batch_size=32", "train.lr=5e-4"],
+    "b32_ch24": ["train.steps=1500", "train.batch_size=32", "net.channels=24"],
+    "b32_bf16": ["train.steps=3000", "train.batch_size=32", "train.precision=bf16"],
     "b16_cos": ["train.steps=3900", "train.batch_size=16", "train.lr_decay=cosine"],  # b16 costs 0.63x of b32 a step
     "b32_lr2e-3_cos": ["train.steps=2500", "train.batch_size=32", "train.lr=2e-3", "train.lr_decay=cosine"],
     "b32_cos_final0.1": ["train.steps=2500", "train.batch_size=32", "train.lr_decay=cosine", "train.lr_final=0.1"],
