@@ -59,17 +59,7 @@ def main() -> None:
 
     score(run, "student (no EMA)", lambda s, m, sd: run.sample(m, s, seed=sd, ema=False))
     for i, label in enumerate(run.ema.labels):
-        def fn(s, m, sd, i=i):
-            x = run.sample(m, s, seed=sd, ema=True) if i == run.cfg.train.ema_sample else None
-            if x is None:
-                from cmkit.sampling import sample_batched
-
-                x = run.dataset.to_data_space(sample_batched(
-                    run.ema.modules[i], m, run.dataset.shape, run.objective.sample_times(s),
-                    sampler=run.objective.sampler, seed=sd, device=run.device,
-                    guidance=run.objective.sample_guidance))
-            return x
-        score(run, f"tracked: {label}", fn)
+        score(run, f"tracked: {label}", lambda s, m, sd, i=i: run.sample(m, s, seed=sd, ema_index=i))
     for sigma in args.sigma_rel:
         path, _ = write_reconstruction(Path(args.out), sigma)
         r = load(args.out, checkpoint=path)

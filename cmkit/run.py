@@ -63,10 +63,12 @@ class Run:
 
     def sample(self, n: int, steps: int = 1, *, times: list[float] | None = None, seed: int = 0,
                ema: bool = True, data_space: bool = True, batch_size: int = 256,
-               class_labels: torch.Tensor | None = None, guidance: float | None = None) -> torch.Tensor:
+               class_labels: torch.Tensor | None = None, guidance: float | None = None,
+               ema_index: int | None = None) -> torch.Tensor:
         """n samples with a K-step sampler (times default to the method's), in data space by default.
 
         ``guidance``: the CFG scale w of a guidance-conditional sCD student (default: its method.guidance).
+        ``ema_index``: which tracked EMA samples (default: train.ema_sample), as in ``model``.
         """
         times = times or self.objective.sample_times(steps)
         if class_labels is None and self.cfg.net.class_cond:
@@ -74,7 +76,7 @@ class Run:
         if guidance is not None and not self.cfg.net.guidance_cond:
             raise ConfigError("a guidance scale needs a student trained with net.guidance_cond=true (sCD with CFG)")
         guidance = self.objective.sample_guidance if guidance is None else guidance
-        x = sample_batched(self.model(ema), n, self.dataset.shape, times, sampler=self.objective.sampler,
+        x = sample_batched(self.model(ema, ema_index), n, self.dataset.shape, times, sampler=self.objective.sampler,
                            seed=seed, device=self.device, batch_size=batch_size, class_labels=class_labels,
                            guidance=guidance)
         return self.dataset.to_data_space(x) if data_space else x

@@ -190,6 +190,22 @@ def test_cli_ema_reconstruct_then_sample_and_eval(tmp_path, capsys):
     assert "post-hoc" in json.loads((tmp_path / "m.json").read_text())["protocol"]["weights"]
 
 
+def test_run_sample_ema_index_draws_from_that_tracked_ema(tmp_path):
+    from cmkit.run import load
+    from cmkit.sampling import sample_batched
+
+    train(load_config(TOY[0], TOY[1:] + ["train.steps=4", f"run.dir={tmp_path / 'r'}"]))
+    run = load(tmp_path / "r")
+    times = run.objective.sample_times(1)
+    for i in range(3):
+        direct = run.dataset.to_data_space(sample_batched(run.ema.modules[i], 32, run.dataset.shape, times,
+                                                          sampler=run.objective.sampler, seed=5, device=run.device))
+        torch.testing.assert_close(run.sample(32, 1, seed=5, ema_index=i), direct, rtol=0, atol=0)
+    # the default is train.ema_sample (0), and the three EMAs differ, so the index is not ignored
+    assert torch.equal(run.sample(32, 1, seed=5), run.sample(32, 1, seed=5, ema_index=0))
+    assert not torch.equal(run.sample(32, 1, seed=5, ema_index=0), run.sample(32, 1, seed=5, ema_index=2))
+
+
 def test_bad_ema_options_are_config_errors(tmp_path, capsys):
     with pytest.raises(ConfigError, match="ema_std"):
         load_config(TOY[0], TOY[1:] + ["train.ema_std=[0.5]"])
