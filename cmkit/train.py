@@ -513,7 +513,15 @@ def _note(text: str) -> None:
 
 
 def _install(handler):
-    """Install handler for SIGINT/SIGTERM (main thread only); return the previous handlers."""
+    """Install handler for SIGINT/SIGTERM (main thread only); return the previous handlers.
+
+    A signal the parent set to be ignored stays ignored: a job started in the background by a
+    non-interactive shell (``cmkit train ... &`` in a script, many CI runners) inherits SIGINT = SIG_IGN,
+    and Unix's convention, which Python itself follows at start-up, is that Ctrl-C in that terminal is not
+    for it. Catching it anyway made such a job stop on a SIGINT that arrived after this point and lose
+    one that arrived before (the kernel drops an ignored signal), so its reaction depended on timing.
+    SIGTERM (torchrun, schedulers, ``kill``) is still caught unless it too is ignored.
+    """
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -524,4 +532,5 @@ def _install(handler):
         for s, h in handler.items():
             signal.signal(s, h)
         return None
-    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)
+            if signal.getsignal(s) is not signal.SIG_IGN}

@@ -482,8 +482,11 @@ def _spawn(tmp_path, args, slow_save=0, save_delay=0.0, block=""):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CMKIT_TEST_SLOW_SAVE": str(slow_save), "CMKIT_TEST_BLOCK": block,
            "CMKIT_TEST_SAVE_DELAY": str(save_delay),
            "CMKIT_TEST_MARKER": str(tmp_path / "in_save")}
+    # SIGINT as in a terminal's foreground job: a suite started in the background has it ignored, and so would
+    # the child (cmkit keeps an inherited SIG_IGN; tests/test_bad_inputs.py tests that case).
     return subprocess.Popen([sys.executable, "-c", SLOW_SAVE, "train", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(pred, timeout=60.0):
