@@ -35,6 +35,10 @@ EMA_STD = [0.05, 0.1]
 # name -> overrides of the demo config (each sets its batch: the sweep ran against the batch-64 demo of the
 # morning of 2026-12-02, whose other keys the config keeps). Step counts keep the training cost near 1,250 steps
 # of the demo's batch-64, ch-16 iCT step (measured on one core: batch 32 costs 0.5x, sCT 1.85x, channels 24 about 1.7x).
+B32 = ["train.steps=2500", "train.batch_size=32"]
+EARLY_DIFFUSION = ["method.diffusion_weight=1.0", "method.diffusion_at=next"]  # iLCT Eq. 9, read at t_{i+1}
+OT_DIFF = ["method.coupling=ot"] + EARLY_DIFFUSION  # + iLCT Sec. 4.4 minibatch OT
+COSINE = ["train.lr_decay=cosine"]
 VARIANTS: dict[str, list[str]] = {
     "base": ["train.steps=1250", "train.batch_size=64"],
     "cosine": ["train.steps=1250", "train.batch_size=64", "train.lr_decay=cosine"],
@@ -46,25 +50,17 @@ VARIANTS: dict[str, list[str]] = {
     "b32_ch24": ["train.steps=1500", "train.batch_size=32", "net.channels=24"],
     "lr2e-3": ["train.steps=1250", "train.batch_size=64", "train.lr=2e-3"],
     # second round (2026-12-02 afternoon, against the batch-32 demo): iLCT's techniques and ACT on iCT
-    "b32_ot": ["train.steps=2500", "train.batch_size=32", "method.coupling=ot"],
-    "b32_diff": ["train.steps=2500", "train.batch_size=32", "method.diffusion_weight=1.0", "method.diffusion_at=next"],
-    "b32_cauchy": ["train.steps=2500", "train.batch_size=32", "method.distance=cauchy"],
-    "b32_ot_diff": ["train.steps=2500", "train.batch_size=32", "method.coupling=ot", "method.diffusion_weight=1.0",
-                    "method.diffusion_at=next"],
-    "b32_ot_diff_seed1": ["train.steps=2500", "train.batch_size=32", "method.coupling=ot",
-                          "method.diffusion_weight=1.0", "method.diffusion_at=next", "train.seed=1"],
-    "b32_ot_diff_cos": ["train.steps=2500", "train.batch_size=32", "method.coupling=ot", "method.diffusion_weight=1.0",
-                        "method.diffusion_at=next", "train.lr_decay=cosine"],
-    "b32_ot_diff_cos_seed1": ["train.steps=2500", "train.batch_size=32", "method.coupling=ot",
-                              "method.diffusion_weight=1.0", "method.diffusion_at=next", "train.lr_decay=cosine",
-                              "train.seed=1"],
-    "b32_ot_diff_cos_3200": ["train.steps=3200", "train.batch_size=32", "method.coupling=ot",
-                             "method.diffusion_weight=1.0", "method.diffusion_at=next", "train.lr_decay=cosine"],
-    "b32_ot_diff2_cos": ["train.steps=2500", "train.batch_size=32", "method.coupling=ot", "method.diffusion_at=next",
-                         "train.lr_decay=cosine", "method.diffusion_weight=2.0"],
-    "b32_ot_diff_r05_cos": ["train.steps=2500", "train.batch_size=32", "method.coupling=ot",
-                            "method.diffusion_at=next", "train.lr_decay=cosine", "method.diffusion_weight=1.0",
-                            "method.diffusion_r=0.5"],
+    "b32_ot": B32 + ["method.coupling=ot"],
+    "b32_diff": B32 + EARLY_DIFFUSION,
+    "b32_cauchy": B32 + ["method.distance=cauchy"],
+    "b32_ot_diff": B32 + OT_DIFF,
+    "b32_ot_diff_seed1": B32 + OT_DIFF + ["train.seed=1"],
+    "b32_ot_diff_cos": B32 + OT_DIFF + COSINE,
+    "b32_ot_diff_cos_seed1": B32 + OT_DIFF + COSINE + ["train.seed=1"],
+    "b32_ot_diff_cos_3200": ["train.steps=3200", "train.batch_size=32"] + OT_DIFF + COSINE,
+    # after the choice: the diffusion loss's own knobs
+    "b32_ot_diff2_cos": B32 + OT_DIFF + COSINE + ["method.diffusion_weight=2.0"],  # the later value wins
+    "b32_ot_diff_r05_cos": B32 + OT_DIFF + COSINE + ["method.diffusion_r=0.5"],
     "act_ict": ["train.steps=1400", "train.batch_size=32", "method.name=act_ict", "method.s0=10", "method.s1=80"],
     "sct": ["train.steps=675", "train.batch_size=64", "method.name=sct", "method.tangent_warmup=100",
             "net.embedding=positional", "net.modulation=double_norm", "train.lr=5e-4", "train.betas=[0.9,0.99]"],
