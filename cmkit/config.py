@@ -115,6 +115,10 @@ class TrainConfig:
     ema_warmup: bool = False  # train.ema rates ramp as min(μ, (1+k)/(10+k)) over updates k (cmkit.ema; TF's EMA form)
     ema_std: list[float] = field(default_factory=list)  # EDM2 power-function EMAs by σ_rel, e.g. [0.05, 0.1]; indexed after train.ema
     ema_snapshot_every: int = 0  # steps between snapshots of the ema_std EMAs (post-hoc reconstruction); 0 = off
+    # Fit the run to this many seconds of training steps on this machine: a fresh run first times a few probe steps,
+    # then trains min(train.steps, budget / step time) steps, with every schedule spanning those (recorded in
+    # config.yaml; a resume keeps them). Checkpoints, samples and periodic evaluation are not counted. 0 = off.
+    time_budget_s: float = 0.0
 
     def validate(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.accumulate < 1:
@@ -142,6 +146,9 @@ class TrainConfig:
                              "(train.ema_std=[0.05,0.1]): snapshots store those for cmkit ema-reconstruct")
         if not _DEVICE.fullmatch(self.device):
             raise ValueError(f"train.device='{self.device}' is not a device. Use auto, cpu, cuda or cuda:N")
+        if not self.time_budget_s >= 0 or self.time_budget_s == float("inf"):
+            raise ValueError(f"train.time_budget_s={self.time_budget_s} must be a finite number of seconds >= 0 "
+                             f"(0 = train exactly train.steps)")
         if self.threads < 0:
             raise ValueError(f"train.threads={self.threads} must be >= 0 (0 = PyTorch's default or OMP_NUM_THREADS)")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+
+import yaml
 from pathlib import Path
 
 
@@ -12,8 +14,11 @@ def summarize(run_dir: str | Path) -> str:
     summary = json.loads((run / "summary.json").read_text())
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     sec = [r["sec_per_step"] for r in records if isinstance(r.get("sec_per_step"), (int, float))]
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    budget = ((cfg or {}).get("train") or {}).get("time_budget_s") or 0
     lines = [
         f"run: {run}",
+        f"length fitted to train.time_budget_s={budget:g} on this machine: {summary['steps']} steps" if budget else "",
         f"steps: {summary['steps']}   images seen: {summary['nimg']}   wall time: {summary['wall_sec']:.0f} s",
         f"median seconds per step: {sorted(sec)[len(sec) // 2]:.3f}" if sec else "",
         f"final loss: {records[-1].get('loss')}" if records else "",

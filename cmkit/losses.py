@@ -22,6 +22,16 @@ def l2(x: Tensor, y: Tensor, c: float = 0.0) -> Tensor:
     return _sq_norm(x, y)
 
 
+def l1(x: Tensor, y: Tensor, c: float = 0.0) -> Tensor:
+    """ℓ1 metric d(x, y) = ‖x - y‖₁ (Song et al. 2023, *Consistency Models*, Sec. 3, one of its three metric choices
+    beside squared ℓ2 and LPIPS; openai/consistency_models `loss_norm="l1"`). Not in the bundled papers' text:
+    iCT Sec. 2 cites it from there."""
+    d = (x - y).flatten(1)
+    if d.dtype in (torch.float16, torch.bfloat16):
+        d = d.float()
+    return d.abs().sum(1)
+
+
 def pseudo_huber(x: Tensor, y: Tensor, c: float) -> Tensor:
     """Pseudo-Huber metric d(x, y) = sqrt(‖x - y‖₂² + c²) - c (iCT Eq. 8)."""
     return torch.sqrt(_sq_norm(x, y) + c * c) - c
@@ -38,7 +48,7 @@ def geman_mcclure(x: Tensor, y: Tensor, c: float) -> Tensor:
     return 2 * r2 / (r2 + 4 * c * c)
 
 
-DISTANCES = {"l2": l2, "pseudo_huber": pseudo_huber, "cauchy": cauchy, "geman_mcclure": geman_mcclure}
+DISTANCES = {"l2": l2, "l1": l1, "pseudo_huber": pseudo_huber, "cauchy": cauchy, "geman_mcclure": geman_mcclure}
 # Distances with a feature network of their own (weights from local files): built by make_distance.
 NETWORK_DISTANCES = ("lpips",)  # cmkit.lpips (Zhang et al. 2018), the metric of CT/CD, ACT and CM-GAN
 DISTANCE_NAMES = (*DISTANCES, *NETWORK_DISTANCES)

@@ -16,7 +16,8 @@ RESUMABLE_SECTIONS = ("run", "eval")
 RESUMABLE_KEYS = {("train", "steps"), ("train", "device"), ("train", "threads"), ("data", "cache_dir"),
                   ("data", "workers"),
                   ("train", "precision"), ("train", "compile"), ("train", "accumulate"), ("train", "grad_clip"),
-                  ("train", "max_bad_steps"), ("train", "spike_factor")}
+                  ("train", "max_bad_steps"), ("train", "spike_factor"),
+                  ("train", "time_budget_s")}  # only a fresh run applies it (cmkit.train.fit_to_budget)
 
 
 
@@ -80,6 +81,22 @@ def check_same_run(run_dir: Path, cfg: Config) -> None:
             raise ConfigError(f"run directory '{run_dir}' holds a config.yaml that is not a cmkit config. Choose "
                               f"another run.dir, or " + _force_hint(run_dir) + ".")
         _refuse(run_dir, "its config.yaml", config_differences(saved, new))
+
+
+def stored_config(run_dir: Path) -> dict | None:
+    """The config of the run in run_dir as a dict (its newest readable checkpoint's, else config.yaml's), or None
+    where there is none or it cannot be read (check_same_run then says why)."""
+    try:
+        found = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
+    except CheckpointError:
+        return None
+    if found is not None:
+        return found[2].get("config") or None
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return None
+    return saved if isinstance(saved, dict) and all(isinstance(v, dict) for v in saved.values()) else None
 
 
 def move_old_run(run_dir: Path) -> Path | None:

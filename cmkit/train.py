@@ -7,6 +7,7 @@ followed by backward and that phase's optimiser step. Progress is counted in ima
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from cmkit.ema import EMA, save_snapshot
 from cmkit.images import save_samples
 from cmkit.nets.attention import attention_backend
 from cmkit.objectives import build_objective
-from cmkit.rundir import prepare_run_dir
+from cmkit.rundir import prepare_run_dir, stored_config
 from cmkit.runlog import RunLog
 from cmkit.sampling import sample_batched
 from cmkit.objectives.consistency import resolve_sigma_data
@@ -407,6 +408,58 @@ def _version() -> str:
     return __version__
 
 
+PROBE_WARMUP, PROBE_STEPS = 3, 12  # train.time_budget_s: untimed, then timed steps of a throwaway Trainer
+
+
+def steps_for_budget(steps: int, budget_s: float, sec_per_step: float) -> int:
+    """The steps that budget_s seconds buy at sec_per_step, at most train.steps and at least one."""
+    return max(1, min(steps, int(budget_s / sec_per_step)))
+
+
+def fit_to_budget(cfg: Config, info: distributed.DistInfo, device: torch.device, run_dir: Path,
+                  force: bool) -> Config:
+    """cfg with train.steps fitted to train.time_budget_s (0 = cfg unchanged).
+
+    A fresh run times PROBE_STEPS training steps (after PROBE_WARMUP untimed ones) of a throwaway Trainer
+    built from the same config, on this machine with its present load, and trains
+    min(train.steps, budget / median step time) steps; schedules (lr decay, curriculum) span those, and
+    config.yaml records them, so the run equals one started with that train.steps. Under torchrun every
+    rank probes (the steps all-reduce) and rank 0's time decides. A resume keeps the steps chosen at the
+    start: it never probes again.
+    """
+    tc = cfg.train
+    if not tc.time_budget_s or not tc.steps:
+        return cfg
+    old = None if force else stored_config(run_dir)
+    if old is not None:
+        saved = old.get("train") or {}
+        if saved.get("time_budget_s", 0.0) != tc.time_budget_s or "steps" not in saved:
+            raise ConfigError(
+                f"train.time_budget_s={tc.time_budget_s:g} on a resume of '{run_dir}', whose run was started with "
+                f"train.time_budget_s={saved.get('time_budget_s', 0.0):g}: a budget fixes a run's length when it "
+                f"starts. Resume with train.time_budget_s={saved.get('time_budget_s', 0.0):g}, or set "
+                f"train.time_budget_s=0 and train.steps=N to give the length yourself")
+        return dataclasses.replace(cfg, train=dataclasses.replace(tc, steps=int(saved["steps"])))
+    probe = Trainer(cfg, info, device)  # validates config, data and networks: bad input fails here, before work
+    streams = probe.streams()
+    times = []
+    for _ in range(PROBE_WARMUP + PROBE_STEPS):
+        begin = time.perf_counter()
+        probe.train_step(streams)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - begin)
+    del probe, streams
+    sec = float(distributed.broadcast_json(statistics.median(times[PROBE_WARMUP:]), info, device))
+    steps = steps_for_budget(tc.steps, tc.time_budget_s, sec)
+    if info.is_main:
+        print(f"cmkit: train.time_budget_s={tc.time_budget_s:g}: {sec:.3f} s per step on this machine (median of "
+              f"{PROBE_STEPS} probe steps), so this run trains "
+              + (f"{steps} of train.steps={tc.steps} steps; schedules span {steps}" if steps < tc.steps
+                 else f"all train.steps={tc.steps} steps (the budget does not bind)"), file=sys.stderr)
+    return dataclasses.replace(cfg, train=dataclasses.replace(tc, steps=steps))
+
+
 def train(cfg: Config, *, force: bool = False, stop_after: int | None = None) -> Path:
     """Train cfg's method; resume from the run directory's latest checkpoint if it has one.
 
@@ -424,8 +477,10 @@ def train(cfg: Config, *, force: bool = False, stop_after: int | None = None) ->
 def _train(cfg: Config, info: distributed.DistInfo, force: bool, stop_after: int | None) -> Path:
     device = resolve_device(cfg.train.device, info.local_rank)
     set_threads(cfg.train.threads)
-    torch.manual_seed(cfg.train.seed * 1_000_003 + info.rank)
     run_dir = Path(cfg.run.dir)
+    torch.manual_seed(cfg.train.seed * 1_000_003 + info.rank)
+    cfg = fit_to_budget(cfg, info, device, run_dir, force)
+    torch.manual_seed(cfg.train.seed * 1_000_003 + info.rank)  # the probe's draws leave no trace in the run
     trainer = Trainer(cfg, info, device)  # validates config, data and networks before any file is touched
     cfg = trainer.cfg  # with values resolved from the data (method.sigma_data=auto)
     evaluator = build_evaluator(trainer) if info.is_main and cfg.eval.every_nimg else None

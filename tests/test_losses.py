@@ -2,12 +2,26 @@
 
 import torch
 
-from cmkit.losses import l2, pseudo_huber
+from cmkit.losses import l1, l2, make_distance, pseudo_huber
 
 
 def test_l2_value():
     x = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
     assert torch.equal(l2(x, torch.zeros_like(x)), torch.tensor([25.0, 1.0]))
+
+
+def test_l1_value_gradient_and_name():
+    # d = |3| + |-4| = 7 and |1 - 0.5| + |0 - 2| = 2.5 by hand; grad_x = sign(x - y) (Song et al. 2023, Sec. 3)
+    x = torch.tensor([[3.0, -4.0], [1.0, 0.0]], requires_grad=True)
+    y = torch.tensor([[0.0, 0.0], [0.5, 2.0]])
+    d = l1(x, y)
+    assert torch.equal(d, torch.tensor([7.0, 2.5]))
+    d.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([[1.0, -1.0], [1.0, -1.0]]))
+
+    class M:  # what make_distance reads of a method config
+        distance = "l1"
+    assert make_distance(M(), (2,))(x, y, 0.0).tolist() == [7.0, 2.5]
 
 
 def test_pseudo_huber_value_and_gradient():
