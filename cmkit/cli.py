@@ -81,7 +81,9 @@ def config_summary(cfg) -> str:
     env = os.environ.get("OMP_NUM_THREADS")
     threads = (f", threads OMP_NUM_THREADS={env} (train.threads={cfg.train.threads} not applied)"
                if env and cfg.train.threads > 0 else "")
-    return (f"cmkit: method {cfg.method.name}, net {net}, data {data}, {cfg.train.steps} steps x batch "
+    steps = (f"up to {cfg.train.steps} steps (as many as fit train.time_budget_s={cfg.train.time_budget_s:g})"
+             if cfg.train.time_budget_s else f"{cfg.train.steps} steps")
+    return (f"cmkit: method {cfg.method.name}, net {net}, data {data}, {steps} x batch "
             f"{cfg.train.batch_size}, {cfg.train.optimizer} lr {cfg.train.lr:g}, device {cfg.train.device}{threads}; "
             f"full config in {Path(cfg.run.dir) / 'config.yaml'} (--verbose prints it)")
 

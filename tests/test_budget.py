@@ -69,6 +69,13 @@ def test_resume_of_an_interrupted_budgeted_run_keeps_its_steps(tmp_path, capsys)
     assert _params(tmp_path)["progress"]["step"] == n
 
 
+def test_cli_summary_says_the_length_is_a_cap(tmp_path):
+    from cmkit.cli import config_summary
+
+    cfg = load_config("configs/ict_mnist_demo.yaml")
+    assert "up to 3600 steps (as many as fit train.time_budget_s=400) x batch 32" in config_summary(cfg)
+
+
 @pytest.mark.parametrize("value", ["-1", "inf", "nan"])
 def test_bad_budget_exits_2_naming_the_key(tmp_path, capsys, value):
     rc = main(["train", "configs/ict_toy.yaml", *TINY, f"train.time_budget_s={value}", f"run.dir={tmp_path / 'r'}"])
