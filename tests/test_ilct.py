@@ -173,7 +173,7 @@ def test_ilct_preset_and_validation():
     m = cfg.method
     assert (m.distance, m.c_schedule, m.coupling, m.s0, m.s1, m.diffusion_r) == ("cauchy", "adaptive", "ot", 10, 640, 0.25)
     assert m.diffusion_weight > 0 and m.curriculum == "exp" and not m.teacher_ema
-    for bad in ("method.coupling=sinkhorn", "method.c_schedule=cosine", "method.diffusion_r=1.5", "method.distance=l1"):
+    for bad in ("method.coupling=sinkhorn", "method.c_schedule=cosine", "method.diffusion_r=1.5", "method.distance=l3"):
         with pytest.raises(ConfigError):
             load_config(None, ["method.name=ilct", bad])
 
