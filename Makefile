@@ -26,10 +26,13 @@ demo: $(STAMP)
 	$(BIN)/cmkit eval runs/demo --steps 1 2 --n 1000
 	$(BIN)/python -m cmkit.demo_summary runs/demo
 
-# One OpenMP thread per process unless the caller says otherwise: the suite's runs are small, and two threads
-# against any other load oversubscribe the 2 cores (measured: the iCT toy test 18 s at 1 thread, 215 s at 2 under load).
+# One pytest-xdist worker per core (TEST_WORKERS=0 runs in one process), each with one OpenMP thread unless the
+# caller says otherwise: the suite's runs are small, and two threads against any other load oversubscribe the
+# 2 cores (measured: the iCT toy test 18 s at 1 thread, 215 s at 2 under load; the suite 376 s in one process
+# with 2 threads, 134 s on 2 workers x 1 thread, 2026-12-03).
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py

@@ -4,8 +4,9 @@ import sys
 import pytest
 import torch
 
-# Tests share 2 cores with nothing else; keep intra-op threads fixed for reproducible timing.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Intra-op threads: OMP_NUM_THREADS when the caller sets it (`make test` sets 1 per pytest worker, so that two
+# workers do not oversubscribe the 2 cores), else at most 2.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
