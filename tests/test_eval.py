@@ -542,3 +542,33 @@ def test_vector_samples_png_shows_the_data_with_axes(tmp_path):
     grey = ((img == 191).all(axis=2)).sum()  # data points are drawn in 0.75 grey (191)
     blue = ((abs(img - [31, 119, 180]) <= 2).all(axis=2)).sum()  # tab:blue samples
     assert grey > 200 and blue > 200
+
+
+def test_confidence_breakdown_benchmark_agrees_with_eval_and_cleans_as_stated(digits_run, tmp_path):
+    # benchmarks/confidence_breakdown.py must report the very `confident` of cmkit eval (same seed, n, weights)
+    # and of the classifier on the real images; its cleaned variants are what its docstring says.
+    import importlib.util
+    import pathlib
+
+    from cmkit.data import load_dataset
+    from cmkit.evaluation.features import classifier_confidence
+
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "confidence_breakdown.py"
+    spec = importlib.util.spec_from_file_location("confidence_breakdown", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main([str(digits_run), "--n", "200", "--steps", "1"])
+    report = evaluate_run(digits_run, steps=[1], n=200, out=tmp_path / "m.json")
+    assert out["1"]["confident"] == pytest.approx(report["steps"]["1"]["confident"], abs=1e-12)
+    assert sum(out["1"]["classes"]) == 200 and len(out["1"]["classes"]) == 10
+    ds = load_dataset(DataConfig(name="digits", split="test"))
+    x = ds.to_data_space(ds.x)
+    fn, _ = classifier_confidence("digits")
+    assert out["real"]["confident"] == pytest.approx(fn(x), abs=1e-12)
+    # binarising at 0.5 by hand: the same share as the benchmark's variant
+    net, _ = load_classifier(WEIGHTS_DIR / CLASSIFIERS["digits"][0])
+    with torch.no_grad():
+        p = torch.softmax(net.eval()((x > 0.5).float()), dim=1).max(dim=1).values
+    assert out["real"]["cleaned"]["binarised at 0.5"] == pytest.approx(float((p >= 0.9).double().mean()), abs=1e-12)
+    assert set(out["real"]["cleaned"]) == {"background < 0.1 zeroed", "background < 0.2 zeroed",
+                                           "background < 0.3 zeroed", "binarised at 0.5"}
