@@ -16,34 +16,27 @@ import argparse
 import numpy as np
 import torch
 
-from cmkit.evaluation.classifier import load_classifier
-from cmkit.evaluation.features import (CLASSIFIERS, CONFIDENCE_THRESHOLD, WEIGHTS_DIR, base_name, centre_crop,
+from cmkit.evaluation.features import (CLASSIFIERS, base_name, classifier_confidence, classifier_probabilities,
                                      reference_dataset)
 from cmkit.run import load
 
 
-def breakdown(x: torch.Tensor, net: torch.nn.Module, size: int) -> dict:
-    """The figures of images x in [0, 1]: confident share, median max softmax, class histogram, cleaned shares."""
+def breakdown(x: torch.Tensor, probabilities, confidence) -> dict:
+    """The figures of images x in [0, 1]: confident share, median max softmax, class histogram, cleaned shares.
 
-    @torch.no_grad()
-    def probs(images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.softmax(net(centre_crop(images[i:i + 500].float(), size)), dim=1)
-                          for i in range(0, len(images), 500)])
-
-    def share(images: torch.Tensor) -> float:
-        return float((probs(images).max(dim=1).values >= CONFIDENCE_THRESHOLD).double().mean())
-
-    p = probs(x)
+    ``probabilities`` / ``confidence``: cmkit.evaluation.features.classifier_probabilities / classifier_confidence.
+    """
+    p = probabilities(x)
     cleaned = {f"background < {t} zeroed": torch.where(x < t, torch.zeros_like(x), x) for t in (0.1, 0.2, 0.3)}
     cleaned["binarised at 0.5"] = (x > 0.5).float()
-    return {"confident": share(x), "median_max_softmax": float(p.max(dim=1).values.median()),
+    return {"confident": confidence(x), "median_max_softmax": float(p.max(dim=1).values.median()),
             "classes": np.bincount(p.argmax(dim=1).numpy(), minlength=p.shape[1]).tolist(),
-            "cleaned": {name: share(y) for name, y in cleaned.items()}}
+            "cleaned": {name: confidence(y) for name, y in cleaned.items()}}
 
 
-def report(label: str, x: torch.Tensor, net: torch.nn.Module, size: int) -> dict:
+def report(label: str, x: torch.Tensor, probabilities, confidence) -> dict:
     """Print the breakdown of x as one line and one line per cleaned variant; return it."""
-    b = breakdown(x, net, size)
+    b = breakdown(x, probabilities, confidence)
     print(f"{label}: confident {b['confident']:.3f}, median max softmax {b['median_max_softmax']:.3f}, "
           f"predicted classes {b['classes']}")
     for name, value in b["cleaned"].items():
@@ -62,14 +55,14 @@ def main(argv: list[str] | None = None) -> dict:
     name = base_name(run.cfg.data.name)
     if name not in CLASSIFIERS:
         raise SystemExit(f"data.name={run.cfg.data.name}: no committed classifier (only {sorted(CLASSIFIERS)})")
-    filename, size = CLASSIFIERS[name]
-    net, _ = load_classifier(WEIGHTS_DIR / filename)
-    net.eval()
+    probabilities, _ = classifier_probabilities(name)
+    confidence, _ = classifier_confidence(name)
     ref = reference_dataset(run.cfg.data, run.cfg.eval.reference)
-    out = {"real": report(f"real {run.cfg.eval.reference} images (n={len(ref.x)})", ref.to_data_space(ref.x), net, size)}
+    out = {"real": report(f"real {run.cfg.eval.reference} images (n={len(ref.x)})", ref.to_data_space(ref.x),
+                          probabilities, confidence)}
     for steps in args.steps:
         x = run.sample(args.n, steps, seed=run.cfg.eval.seed, ema=True)
-        out[str(steps)] = report(f"{steps}-step samples (n={args.n}, nimg {run.nimg})", x, net, size)
+        out[str(steps)] = report(f"{steps}-step samples (n={args.n}, nimg {run.nimg})", x, probabilities, confidence)
     return out
 
 

@@ -565,10 +565,13 @@ def test_confidence_breakdown_benchmark_agrees_with_eval_and_cleans_as_stated(di
     x = ds.to_data_space(ds.x)
     fn, _ = classifier_confidence("digits")
     assert out["real"]["confident"] == pytest.approx(fn(x), abs=1e-12)
-    # binarising at 0.5 by hand: the same share as the benchmark's variant
+    # by hand, straight from the classifier: the class histogram, the median, and the binarised variant's share
     net, _ = load_classifier(WEIGHTS_DIR / CLASSIFIERS["digits"][0])
     with torch.no_grad():
-        p = torch.softmax(net.eval()((x > 0.5).float()), dim=1).max(dim=1).values
+        probs = torch.softmax(net.eval()(x), dim=1)
+        p = torch.softmax(net((x > 0.5).float()), dim=1).max(dim=1).values
+    assert out["real"]["classes"] == np.bincount(probs.argmax(dim=1).numpy(), minlength=10).tolist()
+    assert out["real"]["median_max_softmax"] == pytest.approx(float(probs.max(dim=1).values.median()), abs=1e-6)
     assert out["real"]["cleaned"]["binarised at 0.5"] == pytest.approx(float((p >= 0.9).double().mean()), abs=1e-12)
     assert set(out["real"]["cleaned"]) == {"background < 0.1 zeroed", "background < 0.2 zeroed",
                                            "background < 0.3 zeroed", "binarised at 0.5"}

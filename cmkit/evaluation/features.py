@@ -77,22 +77,29 @@ def classifier_extractor(dataset_name: str, weights: str | Path | None = None) -
 CONFIDENCE_THRESHOLD = 0.9  # issue 20: the share of samples the committed classifier is this sure about
 
 
-def classifier_confidence(dataset_name: str) -> tuple[Callable[[torch.Tensor], float], str]:
-    """(fn, weights sha256): fn(images in [0, 1]) = the fraction whose committed classifier's max softmax
-    probability is >= CONFIDENCE_THRESHOLD (a readability figure: unreadable strokes get low confidence)."""
+def classifier_probabilities(dataset_name: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """(fn, weights sha256): fn(images in [0, 1]) = the committed classifier's softmax, (n, classes)."""
     filename, size = CLASSIFIERS[dataset_name]
     path = WEIGHTS_DIR / filename
     net, _ = load_classifier(path)
 
     @torch.no_grad()
-    def fn(x: torch.Tensor) -> float:
-        hits = 0
-        for i in range(0, len(x), 500):
-            probs = torch.softmax(net(centre_crop(x[i:i + 500].float(), size)), dim=1)
-            hits += int((probs.max(dim=1).values >= CONFIDENCE_THRESHOLD).sum())
-        return hits / len(x)
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.softmax(net(centre_crop(x[i:i + 500].float(), size)), dim=1)
+                          for i in range(0, len(x), 500)])
 
     return fn, file_sha256(path)
+
+
+def classifier_confidence(dataset_name: str) -> tuple[Callable[[torch.Tensor], float], str]:
+    """(fn, weights sha256): fn(images in [0, 1]) = the fraction whose committed classifier's max softmax
+    probability is >= CONFIDENCE_THRESHOLD (a readability figure: unreadable strokes get low confidence)."""
+    probabilities, sha = classifier_probabilities(dataset_name)
+
+    def fn(x: torch.Tensor) -> float:
+        return int((probabilities(x).max(dim=1).values >= CONFIDENCE_THRESHOLD).sum()) / len(x)
+
+    return fn, sha
 
 
 def raw_extractor() -> Extractor:
