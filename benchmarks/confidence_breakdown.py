@@ -12,6 +12,7 @@ ill-formed digits, not noisy ones.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 import torch
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     run = load(args.run, None, device="cpu")
     name = base_name(run.cfg.data.name)
     if name not in CLASSIFIERS:
-        raise SystemExit(f"data.name={run.cfg.data.name}: no committed classifier (only {sorted(CLASSIFIERS)})")
+        print(f"data.name={run.cfg.data.name}: no committed classifier; this benchmark needs a run on "
+              f"{' or '.join(sorted(CLASSIFIERS))}", file=sys.stderr)
+        raise SystemExit(2)
     probabilities, _ = classifier_probabilities(name)
     confidence, _ = classifier_confidence(name)
     ref = reference_dataset(run.cfg.data, run.cfg.eval.reference)
