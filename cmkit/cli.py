@@ -117,12 +117,34 @@ def cmd_sample(args) -> int:
     _check_device(args.device)
     run = load(args.run, args.checkpoint, device=args.device)
     _check_times(args.times, run)
-    x = run.sample(args.n, args.steps, times=args.times, seed=args.seed, ema=not args.no_ema, guidance=args.guidance)
-    save_samples(x, args.out, run.dataset.kind, reference=run.dataset)
+    labels = sample_labels(args.labels, args.n, run)
+    x = run.sample(args.n, args.steps, times=args.times, seed=args.seed, ema=not args.no_ema, guidance=args.guidance,
+                   class_labels=labels)
+    save_samples(x, args.out, run.dataset.kind, reference=run.dataset, labels=labels)
     steps = len(args.times) if args.times else args.steps
     how = f"times {' '.join(f'{t:g}' for t in args.times)}" if args.times else f"{steps}-step"
     print(f"cmkit: {args.n} samples ({how}) written to {args.out}")
     return 0
+
+
+def sample_labels(classes: list[int] | None, n: int, run):
+    """The n class labels of `cmkit sample`: --labels cycled over n, else 0, 1, ..., K-1, ...; None if unconditional."""
+    import torch
+
+    from cmkit.config import ConfigError
+    from cmkit.sampling import cycled_labels
+
+    k = run.dataset.num_classes if run.cfg.net.class_cond else 0
+    if not k:
+        if classes:
+            raise ConfigError("--labels needs a class-conditional run (net.class_cond=true); this one is unconditional")
+        return None
+    if not classes:
+        return cycled_labels(n, k)
+    bad = [c for c in classes if not 0 <= c < k]
+    if bad:
+        raise ConfigError(f"--labels {' '.join(map(str, bad))}: this run's classes are 0..{k - 1}")
+    return torch.tensor(classes)[cycled_labels(n, len(classes))]
 
 
 def add_train(sub) -> None:
@@ -146,6 +168,9 @@ def add_sample(sub) -> None:
     p.add_argument("--out", required=True, help=".png grid or .npz (array 'samples', data space)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw student weights")
+    p.add_argument("--labels", type=int, nargs="+", default=None,
+                   help="class-conditional runs: the classes to draw, repeated over --n (default: 0, 1, ..., K-1, ...); "
+                        "an .npz out stores them as array 'labels'")
     p.add_argument("--guidance", type=float, default=None,
                    help="CFG scale w of an sCD student trained with net.guidance_cond=true (default: method.guidance)")
     p.add_argument("--checkpoint", default=None, help="a specific checkpoint file")

@@ -121,15 +121,17 @@ def scatter_over_data(points: torch.Tensor, path: Path, reference: torch.Tensor 
 
 
 def save_samples(samples: torch.Tensor, path: str | Path, kind: str, *, reference=None,
-                 nrow: int | None = None) -> Path:
+                 nrow: int | None = None, labels: torch.Tensor | None = None) -> Path:
     """Save samples in data space: .png (grid, or scatter over the reference data) or .npz (array ``samples``).
 
-    ``reference``: the run's Dataset (or data points) drawn under 2-D samples; ``nrow``: images per grid row.
+    ``reference``: the run's Dataset (or data points) drawn under 2-D samples; ``nrow``: images per grid row;
+    ``labels``: the classes a class-conditional model drew them for (array ``labels`` of an .npz).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npz":
-        np.savez(path, samples=samples.cpu().numpy())
+        extra = {} if labels is None else {"labels": labels.cpu().numpy().astype(np.int64)}
+        np.savez(path, samples=samples.cpu().numpy(), **extra)
     elif path.suffix == ".png":
         if kind == "image":
             grid = image_grid(samples.cpu(), nrow=nrow)

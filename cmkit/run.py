@@ -14,7 +14,7 @@ from cmkit.data import load_dataset
 from cmkit.latent import check_autoencoder
 from cmkit.ema import EMA
 from cmkit.objectives import build_objective
-from cmkit.sampling import sample_batched
+from cmkit.sampling import cycled_labels, sample_batched
 
 
 class Run:
@@ -72,7 +72,7 @@ class Run:
         """
         times = times or self.objective.sample_times(steps)
         if class_labels is None and self.cfg.net.class_cond:
-            class_labels = torch.arange(n) % self.dataset.num_classes
+            class_labels = cycled_labels(n, self.dataset.num_classes)
         if guidance is not None and not self.cfg.net.guidance_cond:
             raise ConfigError("a guidance scale needs a student trained with net.guidance_cond=true (sCD with CFG)")
         guidance = self.objective.sample_guidance if guidance is None else guidance

@@ -199,6 +199,14 @@ class WithGuidance(nn.Module):
         return self.model(x, t, class_labels, guidance=self.guidance)
 
 
+def cycled_labels(n: int, num_classes: int) -> Tensor:
+    """The labels a class-conditional model is sampled and evaluated with unless told: 0, 1, ..., K-1, 0, 1, ...
+
+    Each class gets n/K of the n samples (to within one), and a grid of K columns shows one class per column.
+    """
+    return torch.arange(n) % num_classes
+
+
 @torch.no_grad()
 def sample_batched(
     model,

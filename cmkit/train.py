@@ -32,7 +32,7 @@ from cmkit.nets.attention import attention_backend
 from cmkit.objectives import build_objective
 from cmkit.rundir import prepare_run_dir, stored_config
 from cmkit.runlog import RunLog
-from cmkit.sampling import sample_batched
+from cmkit.sampling import cycled_labels, sample_batched
 from cmkit.objectives.consistency import resolve_sigma_data
 from cmkit.optim import lr_multiplier, make_optimizer, phase_settings
 from cmkit.schedules import Progress
@@ -364,7 +364,7 @@ class Trainer:
         model = self.ema.modules[self.cfg.train.ema_sample]
         labels = None
         if self.cfg.net.class_cond:
-            labels = torch.arange(n) % self.dataset.num_classes
+            labels = cycled_labels(n, self.dataset.num_classes)
         x = sample_batched(
             model, n, self.dataset.shape, self.objective.sample_times(steps), sampler=self.objective.sampler,
             seed=seed, device=self.device, class_labels=labels, guidance=self.objective.sample_guidance,

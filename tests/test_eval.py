@@ -433,7 +433,7 @@ def test_evaluate_latent_run_protocol_names_the_autoencoder(latent_run):
 # ----------------------------------------------------------------------------
 # cmkit eval --samples: any generator's samples under a run's protocol; the classifier-confidence figure.
 
-_SCORES = ("fd", "precision", "recall", "swd", "mmd", "confident")
+_SCORES = ("fd", "precision", "recall", "swd", "mmd", "confident", "class_match")
 
 
 def _scores(row):
@@ -575,3 +575,90 @@ def test_confidence_breakdown_benchmark_agrees_with_eval_and_cleans_as_stated(di
     assert out["real"]["cleaned"]["binarised at 0.5"] == pytest.approx(float((p >= 0.9).double().mean()), abs=1e-12)
     assert set(out["real"]["cleaned"]) == {"background < 0.1 zeroed", "background < 0.2 zeroed",
                                            "background < 0.3 zeroed", "binarised at 0.5"}
+
+
+# ----------------------------------------------------------------------------
+# Class-conditional runs: class_match, `cmkit sample --labels`, labelled sample files.
+
+
+def test_class_match_is_the_classifiers_agreement_with_the_given_labels():
+    from cmkit.data import load_dataset
+
+    ds = load_dataset(DataConfig(name="digits", split="test", labels=True))
+    x = ds.to_data_space(ds.x)
+    net, _ = load_classifier(WEIGHTS_DIR / CLASSIFIERS["digits"][0])
+    with torch.no_grad():
+        predicted = net.eval()(x).argmax(dim=1)
+    accuracy = float((predicted == ds.labels).double().mean())  # the classifier's held-out accuracy, by hand
+    ev = Evaluator(load_config("configs/ict_digits.yaml", ["data.labels=true", "net.class_cond=true"]))
+    assert ev.num_classes == 10 and "class_match" in ev.protocol["metrics"]
+    assert ev.metrics(x, ds.labels)["class_match"] == pytest.approx(accuracy, abs=1e-12)
+    assert accuracy > 0.95
+    wrong = ev.metrics(x, (ds.labels + 1) % 10)["class_match"]
+    assert wrong == pytest.approx(float((predicted == (ds.labels + 1) % 10).double().mean()), abs=1e-12)
+    assert wrong < 0.05
+    assert "class_match" not in ev.metrics(x)  # no labels given: no figure
+    with pytest.raises(ConfigError, match="one label per sample"):
+        ev.metrics(x, ds.labels[:10])
+
+
+@pytest.fixture(scope="module")
+def conditional_digits_run(tmp_path_factory):
+    from cmkit.train import train
+
+    root = tmp_path_factory.mktemp("conddigits")
+    return train(load_config("configs/ict_digits.yaml", [
+        "net.name=mlp", "net.hidden=32", "net.depth=1", "net.class_cond=true", "data.labels=true",
+        "train.steps=3", "train.batch_size=16", f"data.cache_dir={root / 'cache'}", f"run.dir={root / 'run'}",
+        "run.progress=false", "run.tensorboard=false", "run.sample_n=4", "run.sample_steps=[1]",
+        "eval.every_nimg=0", "train.threads=1"]))
+
+
+def test_conditional_run_eval_and_its_labelled_sample_file_agree(conditional_digits_run, tmp_path, capsys):
+    from cmkit.cli import main
+    from cmkit.run import load
+
+    run_dir = conditional_digits_run
+    report = evaluate_run(run_dir, steps=[1], n=200, out=tmp_path / "run.json")
+    assert "class_match" in report["steps"]["1"] and "class_match" in report["protocol"]
+    npz = tmp_path / "s.npz"
+    assert main(["sample", str(run_dir), "--n", "200", "--out", str(npz)]) == 0
+    with np.load(npz) as f:
+        assert f["labels"].tolist() == [i % 10 for i in range(200)]  # the labels eval samples for
+    assert main(["eval", "--samples", str(npz), "--data", "digits", "--out", str(tmp_path / "file.json")]) == 0
+    file = json.loads((tmp_path / "file.json").read_text())
+    assert _scores(file["samples"]) == pytest.approx(_scores(report["steps"]["1"]))
+    assert "class_match" in file["protocol"]["metrics"]
+    # class_match by hand: the classifier's argmax against the stored labels
+    with np.load(npz) as f:
+        x, y = torch.from_numpy(f["samples"]), torch.from_numpy(f["labels"])
+    net, _ = load_classifier(WEIGHTS_DIR / CLASSIFIERS["digits"][0])
+    with torch.no_grad():
+        by_hand = float((net.eval()(x).argmax(dim=1) == y).double().mean())
+    assert file["samples"]["class_match"] == pytest.approx(by_hand, abs=1e-12)
+    # --labels picks the classes, cycled over --n; the samples are the model's for those labels
+    three = tmp_path / "three.npz"
+    assert main(["sample", str(run_dir), "--n", "6", "--labels", "3", "7", "--out", str(three)]) == 0
+    with np.load(three) as f:
+        assert f["labels"].tolist() == [3, 7, 3, 7, 3, 7]
+        direct = load(run_dir).sample(6, 1, seed=0, class_labels=torch.tensor([3, 7, 3, 7, 3, 7]))
+        assert np.array_equal(f["samples"], direct.numpy())
+    capsys.readouterr()
+    assert main(["sample", str(run_dir), "--n", "6", "--labels", "10", "--out", str(three)]) == 2
+    assert "--labels 10" in capsys.readouterr().err
+
+
+def test_sample_labels_on_an_unconditional_run_and_bad_label_arrays_are_clear_errors(digits_run, tmp_path, capsys):
+    from cmkit.cli import main
+
+    out = tmp_path / "x.npz"
+    assert main(["sample", str(digits_run), "--n", "4", "--labels", "1", "--out", str(out)]) == 2
+    assert "net.class_cond=true" in capsys.readouterr().err and not out.exists()
+    good = np.random.default_rng(0).random((50, 1, 8, 8)).astype(np.float32)
+    cases = {"float": (np.zeros(50), "integers"), "short": (np.zeros(49, dtype=np.int64), "integers"),
+             "range": (np.full(50, 10), "outside the 10 classes")}
+    for name, (labels, message) in cases.items():
+        f = tmp_path / f"{name}.npz"
+        np.savez(f, samples=good, labels=labels)
+        assert main(["eval", "--samples", str(f), "--data", "digits"]) == 2, name
+        assert message in capsys.readouterr().err, name

@@ -22,16 +22,18 @@ import torch
 from cmkit.config import ConfigError
 from cmkit.evaluation.classifier import CLASSIFIERS
 from cmkit.evaluation.features import (
-    CONFIDENCE_THRESHOLD, FEATURES, Extractor, base_name, build_extractor, classifier_confidence, reference_dataset,
-    reference_features,
+    CONFIDENCE_THRESHOLD, FEATURES, Extractor, base_name, build_extractor, class_match, classifier_probabilities,
+    confident_share, reference_dataset, reference_features,
 )
 from cmkit.evaluation.metrics import (
     feature_statistics, frechet_distance, knn_radii, median_distance, mmd, precision_recall, sliced_wasserstein,
 )
+from cmkit.sampling import cycled_labels
 
 __all__ = ["Evaluator", "evaluate_run", "evaluate_samples", "evaluate_during_training", "training_evaluator", "format_table", "FEATURES"]
 
 SWD_PROJECTIONS = 256
+CLASS_MATCH = "fraction of samples the committed classifier assigns to the class label they were generated for"
 MAX_MMD_POINTS = 5000  # MMD is O(n²): larger sets use a seeded subset of this size
 
 
@@ -110,27 +112,43 @@ class Evaluator:
                                             "weights_sha256": autoencoder.identity()}
         if self.extractor.info:
             self.protocol["features_info"] = self.extractor.info
-        self.confidence = None  # bundled digit sets: the committed classifier's confidence, whatever the features
+        self.probabilities = None  # bundled digit sets: the committed classifier's softmax, whatever the features
+        # A class-conditional run on a bundled digit set is sampled for cycled_labels(n, K) (as run.sample and the
+        # trainer do, K = its 10 digits = the classifier's classes); the classifier then also says how many
+        # samples show the digit they were drawn for.
+        self.num_classes = 0
         if ref.kind == "image" and base_name(cfg.data.name) in CLASSIFIERS:
-            self.confidence, sha = classifier_confidence(base_name(cfg.data.name))
+            self.probabilities, sha = classifier_probabilities(base_name(cfg.data.name))
             self.protocol["confident"] = (f"fraction of samples whose committed {base_name(cfg.data.name)} classifier "
                                           f"gives max softmax >= {CONFIDENCE_THRESHOLD}")
             self.protocol["confidence_weights_sha256"] = sha
             self.protocol["metrics"].append("confident")
+            if getattr(cfg.net, "class_cond", False):
+                self.num_classes = self.probabilities.num_classes
+                self.protocol["class_match"] = CLASS_MATCH + " (labels 0, 1, ..., K-1, 0, 1, ...)"
+                self.protocol["metrics"].append("class_match")
         if self.low_dim:
             self.protocol["swd_projections"] = SWD_PROJECTIONS
             self.protocol["mmd_kernel"] = f"gaussian, bandwidth = median reference distance = {self.bandwidth:.6g}"
 
-    def metrics(self, samples: torch.Tensor) -> dict[str, float]:
-        """Metrics of data-space samples against the reference set."""
+    def metrics(self, samples: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        """Metrics of data-space samples against the reference set.
+
+        ``labels``: the class labels the samples were generated for (adds class_match where a classifier exists).
+        """
+        if labels is not None and len(labels) != len(samples):
+            raise ConfigError(f"{len(labels)} class labels for {len(samples)} samples: give one label per sample")
         if not torch.isfinite(samples).all():
             return {"fd": math.inf, "precision": 0.0, "recall": 0.0, "nonfinite": 1.0}
         feats = self.extractor(samples).numpy()
         mu, sigma = feature_statistics(feats)
         out = {"fd": frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)}
         out["precision"], out["recall"] = precision_recall(self.ref_feats, feats, self.k, real_radii=self.ref_radii)
-        if self.confidence is not None:
-            out["confident"] = self.confidence(samples)
+        if self.probabilities is not None:
+            p = self.probabilities(samples)
+            out["confident"] = confident_share(p)
+            if labels is not None:
+                out["class_match"] = class_match(p, labels)
         if self.low_dim:
             out["swd"] = sliced_wasserstein(feats, self.ref_feats, SWD_PROJECTIONS, self.seed)
             out["mmd"] = mmd(_subset(feats, MAX_MMD_POINTS, self.seed), _subset(self.ref_feats, MAX_MMD_POINTS, self.seed),
@@ -148,7 +166,7 @@ class Evaluator:
                 start = time.perf_counter()
                 x = sample(k_steps, n, self.seed)
                 seconds = time.perf_counter() - start
-            row = self.metrics(x)
+            row = self.metrics(x, cycled_labels(n, self.num_classes) if self.num_classes else None)
             row["nfe"] = counter["samples"] / n
             if float(row["nfe"]).is_integer():
                 row["nfe"] = int(row["nfe"])

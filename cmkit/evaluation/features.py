@@ -78,7 +78,10 @@ CONFIDENCE_THRESHOLD = 0.9  # issue 20: the share of samples the committed class
 
 
 def classifier_probabilities(dataset_name: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
-    """(fn, weights sha256): fn(images in [0, 1]) = the committed classifier's softmax, (n, classes)."""
+    """(fn, weights sha256): fn(images in [0, 1]) = the committed classifier's softmax, (n, classes).
+
+    ``fn.num_classes`` is the number of classes the classifier tells apart.
+    """
     filename, size = CLASSIFIERS[dataset_name]
     path = WEIGHTS_DIR / filename
     net, _ = load_classifier(path)
@@ -88,6 +91,7 @@ def classifier_probabilities(dataset_name: str) -> tuple[Callable[[torch.Tensor]
         return torch.cat([torch.softmax(net(centre_crop(x[i:i + 500].float(), size)), dim=1)
                           for i in range(0, len(x), 500)])
 
+    fn.num_classes = net.head.out_features
     return fn, file_sha256(path)
 
 
@@ -95,11 +99,17 @@ def classifier_confidence(dataset_name: str) -> tuple[Callable[[torch.Tensor], f
     """(fn, weights sha256): fn(images in [0, 1]) = the fraction whose committed classifier's max softmax
     probability is >= CONFIDENCE_THRESHOLD (a readability figure: unreadable strokes get low confidence)."""
     probabilities, sha = classifier_probabilities(dataset_name)
+    return (lambda x: confident_share(probabilities(x))), sha
 
-    def fn(x: torch.Tensor) -> float:
-        return int((probabilities(x).max(dim=1).values >= CONFIDENCE_THRESHOLD).sum()) / len(x)
 
-    return fn, sha
+def confident_share(p: torch.Tensor) -> float:
+    """The fraction of rows of softmax probabilities p (n, classes) whose max is >= CONFIDENCE_THRESHOLD."""
+    return int((p.max(dim=1).values >= CONFIDENCE_THRESHOLD).sum()) / len(p)
+
+
+def class_match(p: torch.Tensor, labels: torch.Tensor) -> float:
+    """The fraction of samples the classifier (softmax p, (n, classes)) assigns to the label they were drawn for."""
+    return float((p.argmax(dim=1) == labels.to(p.device).long()).double().mean())
 
 
 def raw_extractor() -> Extractor:

@@ -4,6 +4,9 @@ The file holds one array (``samples``, or a file's only array such as numpy's de
 as (n, C, H, W) or (n, H, W, C), float in [0, 1] or [-1, 1] or uint8 in [0, 255]; vectors as (n, D) in
 data units. The images are mapped to [0, 1], and from there on the numbers are computed exactly as for a
 run (``Evaluator.metrics``), so a cmkit run and another codebase's samples compare on equal terms.
+
+A class-conditional generator's file may add ``labels``, the integer class each sample was generated for
+(``np.savez(path, samples=x, labels=y)``); on the bundled digit sets the report then adds ``class_match``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,24 @@ def read_sample_array(path: str | Path) -> np.ndarray:
         raise ConfigError(f"--samples '{path}' is not a readable .npz/.npy file ({e})") from None
     raise ConfigError(f"--samples '{path}' holds arrays {', '.join(keys) or '(none)'}: name the samples array "
                       f"'samples' (np.savez(path, samples=x)) or store only one array")
+
+
+def read_sample_labels(path: str | Path, n: int, num_classes: int) -> torch.Tensor | None:
+    """The optional ``labels`` array of an .npz of n samples: integers in [0, num_classes), one per sample."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return None
+    with np.load(path, allow_pickle=False) as f:
+        if "labels" not in f.keys() or "samples" not in f.keys():
+            return None
+        y = f["labels"]
+    if y.dtype.kind not in "iu" or y.shape != (n,):
+        raise ConfigError(f"--samples '{path}': 'labels' must be {n} integers (one class per sample), got "
+                          f"dtype {y.dtype}, shape {y.shape}")
+    if n and (y.min() < 0 or y.max() >= num_classes):
+        raise ConfigError(f"--samples '{path}': 'labels' span [{y.min()}, {y.max()}], outside the "
+                          f"{num_classes} classes [0, {num_classes - 1}] of this data")
+    return torch.from_numpy(y.astype(np.int64))
 
 
 def to_data_space(x: np.ndarray, kind: str, shape: tuple[int, ...], value_range: str = "auto",
@@ -83,16 +104,22 @@ def to_data_space(x: np.ndarray, kind: str, shape: tuple[int, ...], value_range:
 def evaluate_samples(path: str | Path, cfg, *, value_range: str = "auto", out: str | Path | None = None) -> dict:
     """Metrics of a file's samples against cfg's reference (cfg.data, cfg.eval); write and return the report."""
     from cmkit import __version__
-    from cmkit.evaluation import Evaluator, _mark_diverged, json_safe
+    from cmkit.evaluation import CLASS_MATCH, Evaluator, _mark_diverged, json_safe
 
     evaluator = Evaluator(cfg)
     shape = tuple(evaluator.ref_shape)
     x, read_as = to_data_space(read_sample_array(path), evaluator.kind, shape, value_range)
     if len(x) <= evaluator.k:
         raise ConfigError(f"--samples holds {len(x)} samples: precision/recall with k={evaluator.k} needs more")
-    row = evaluator.metrics(x)
+    labels = None
+    if evaluator.probabilities is not None:
+        labels = read_sample_labels(path, len(x), evaluator.probabilities.num_classes)
+    row = evaluator.metrics(x, labels)
     protocol = {**evaluator.protocol, "n_generated": int(len(x)), "samples_file": str(path),
                 "samples_sha256": file_sha256(path), "samples_range": read_as, "cmkit_version": __version__}
+    if labels is not None:
+        protocol["class_match"] = CLASS_MATCH + " (the file's 'labels')"
+        protocol["metrics"] = [*[m for m in protocol["metrics"] if m != "class_match"], "class_match"]
     report = json_safe({"protocol": protocol, "samples": _mark_diverged(row)})
     target = Path(out) if out is not None else Path(path).with_name(Path(path).stem + "_metrics.json")
     target.parent.mkdir(parents=True, exist_ok=True)

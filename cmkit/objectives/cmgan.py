@@ -31,6 +31,7 @@ from cmkit.objectives.base import Objective, Phase
 from cmkit.objectives.consistency import ConsistencyConfig, ConsistencyTraining
 from cmkit.objectives.distillation import ConsistencyDistillation, DistillationConfig
 from cmkit.objectives.gan import GAN_LOSSES, disc_optim, frozen_call, gradient_penalty, lazy_due, validate_disc_optim
+from cmkit.sampling import cycled_labels
 from cmkit.schedules import INDEX_DISTRIBUTIONS, Progress, blur_sigma
 
 # method.consistency -> (objective, its config dataclass): the L_CM of Eq. 7.
@@ -161,7 +162,7 @@ class CMGAN(Objective):
         # Diversity monitor: a fixed noise batch (from train.seed) and labels cycling through the classes.
         g = torch.Generator().manual_seed(cfg.train.seed + 7919)
         self.register_buffer("diversity_noise", torch.randn((m.diversity_n, *shape), generator=g), persistent=False)
-        self.diversity_labels = (torch.arange(m.diversity_n) % num_classes) if num_classes > 0 else None
+        self.diversity_labels = cycled_labels(m.diversity_n, num_classes) if num_classes > 0 else None
         self.diversity_extractor, self.diversity_space = self._diversity_extractor(cfg, image)
         self.diversity: float | None = None
         self._gp_last: Tensor | None = None
