@@ -375,9 +375,11 @@ def _to_model(run, x: Tensor) -> Tensor:
 
 def edit_run(run, task: str, x: Tensor | None = None, *, mask: Tensor | None = None, steps: int | None = None,
              times=None, sigma: float = 0.0, factor: int = 0, greyscale: str = "luminance", seed: int = 0,
-             seeds: tuple[int, int] = (0, 1), n: int = 8, label: int | None = None,
+             seeds: tuple[int, int] = (0, 1), n: int = 8, label: int | Tensor | None = None,
              ema: bool = True, guidance: float | None = None) -> tuple[Tensor, Tensor]:
     """Run one task on a ``cmkit.load(...)`` run; x (and the result) in data space [0, 1].
+
+    ``label``: a class-conditional run's class, one for all images or a tensor of one per image.
 
     Returns (result, degraded view of the input). ``sigma`` (denoise) is the noise std in [0, 1]
     pixel units; ``factor`` (superres) defaults to data size / input size, or 2 for full-size input.
@@ -399,7 +401,13 @@ def edit_run(run, task: str, x: Tensor | None = None, *, mask: Tensor | None = N
     if run.cfg.net.class_cond:
         if label is None:
             raise ConfigError(f"this run is class-conditional: give --label (0..{ds.num_classes - 1})")
-        labels = torch.full((max(1, n if x is None else len(x)),), int(label), dtype=torch.long, device=run.device)
+        count = max(1, n if x is None else len(x))
+        if isinstance(label, Tensor) and label.ndim == 1:
+            if len(label) != count:
+                raise ConfigError(f"{len(label)} class labels for {count} images: give one label per image")
+            labels = label.to(device=run.device, dtype=torch.long)
+        else:
+            labels = torch.full((count,), int(label), dtype=torch.long, device=run.device)
     if task == "interpolate":
         times = times or run.objective.sample_times(steps or DEFAULT_STEPS["interpolate"])
         alphas = torch.linspace(0, 1, max(2, n)).tolist()

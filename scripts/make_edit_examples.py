@@ -65,13 +65,14 @@ def edit_all(run, ex: dict, steps: dict | None = None, seed: int = 0) -> dict:
 
     steps = steps or {}
     x, res = ex["clean"], {}
+    label = ex["labels"] if run.cfg.net.class_cond else None  # a class-conditional model edits each image as its digit
     res["inpaint"] = edit_run(run, "inpaint", x, mask=ex["masks"]["center"][None, None], seed=seed,
-                              steps=steps.get("inpaint"))
+                              steps=steps.get("inpaint"), label=label)
     if "low_x4" in ex:
-        res["superres"] = edit_run(run, "superres", ex["low_x4"], seed=seed, steps=steps.get("superres"))
+        res["superres"] = edit_run(run, "superres", ex["low_x4"], seed=seed, steps=steps.get("superres"), label=label)
     if "grey" in ex and run.dataset.shape[0] == 3:
-        res["colorize"] = edit_run(run, "colorize", ex["grey"], seed=seed, steps=steps.get("colorize"))
-    res["denoise"] = edit_run(run, "denoise", ex["noisy_0.2"], sigma=NOISE, seed=seed)
+        res["colorize"] = edit_run(run, "colorize", ex["grey"], seed=seed, steps=steps.get("colorize"), label=label)
+    res["denoise"] = edit_run(run, "denoise", ex["noisy_0.2"], sigma=NOISE, seed=seed, label=label)
     return res
 
 
@@ -122,7 +123,8 @@ def write_grid(run, ex: dict, path: Path, seed: int = 0) -> None:
         if task in res:
             out, view = res[task]
             rows += [view.expand_as(out), out]
-    rows.append(edit_run(run, "interpolate", seeds=(seed, seed + 1), n=n)[0])
+    label = int(ex["labels"][0]) if run.cfg.net.class_cond else None
+    rows.append(edit_run(run, "interpolate", seeds=(seed, seed + 1), n=n, label=label)[0])
     grid = image_grid(torch.cat([r.float() for r in rows]), nrow=n, min_size=28)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)

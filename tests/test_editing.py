@@ -349,3 +349,24 @@ def test_latent_runs_edit_by_interpolation_only(tmp_path):
             editing.edit_run(run, task, x, **kw)
     out, _ = editing.edit_run(run, "interpolate", n=3)  # decoded to pixels
     assert out.shape == (3, 1, 8, 8) and float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+def test_class_conditional_run_edits_each_image_as_its_own_label(tmp_path):
+    # A tensor of labels edits image i as label i: the same as editing each image alone with its int label.
+    from cmkit.config import ConfigError
+    from cmkit.editing import edit_run
+    from cmkit.run import load
+
+    run = load(_train_tiny(tmp_path / "run", "net.class_cond=true", "data.labels=true",
+                           f"data.cache_dir={tmp_path / 'cache'}"))
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    both, _ = edit_run(run, "denoise", x, sigma=0.2, label=torch.tensor([3, 7]))
+    for i, label in enumerate((3, 7)):
+        alone, _ = edit_run(run, "denoise", x[i:i + 1], sigma=0.2, label=label)
+        torch.testing.assert_close(both[i:i + 1], alone, rtol=0, atol=1e-6)
+    other, _ = edit_run(run, "denoise", x, sigma=0.2, label=torch.tensor([7, 3]))
+    assert not torch.allclose(other, both)  # the label reaches the network
+    with pytest.raises(ConfigError, match="one label per image"):
+        edit_run(run, "denoise", x, sigma=0.2, label=torch.tensor([3]))
+    with pytest.raises(ConfigError, match="class-conditional"):
+        edit_run(run, "denoise", x, sigma=0.2)
