@@ -8,6 +8,10 @@ own EMA (index 0, what `make demo` would show) first. Scores: `cmkit eval`'s pro
 samples, one and two steps, FD in the committed classifier's features, precision/recall, and
 `confident` = share of samples the classifier labels with max softmax >= 0.9).
 
+The sweeps recorded in docs/results.md ran against the unconditional demo of their day; since 2026-12-03 the
+demo config is class-conditional (net.class_cond, data.labels), so a variant reproduces those rows only with
+``net.class_cond=false data.labels=false`` added to its overrides.
+
 One process per variant, one thread each; each writes OUT/NAME/result.json, so two processes can share the
 2 cores and a cut sweep keeps what finished. --report prints the Markdown table.
 
