@@ -119,7 +119,8 @@ def evaluate_samples(path: str | Path, cfg, *, value_range: str = "auto", out: s
                 "samples_sha256": file_sha256(path), "samples_range": read_as, "cmkit_version": __version__}
     if labels is not None:
         protocol["class_match"] = CLASS_MATCH + " (the file's 'labels')"
-        protocol["metrics"] = [*[m for m in protocol["metrics"] if m != "class_match"], "class_match"]
+        if "class_match" not in protocol["metrics"]:
+            protocol["metrics"] = [*protocol["metrics"], "class_match"]
     report = json_safe({"protocol": protocol, "samples": _mark_diverged(row)})
     target = Path(out) if out is not None else Path(path).with_name(Path(path).stem + "_metrics.json")
     target.parent.mkdir(parents=True, exist_ok=True)
