@@ -106,7 +106,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads; 0 = leave PyTorch's default
     accumulate: int = 1  # micro-batches per rank per step (gradient accumulation); batch_size stays global
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling, CUDA only)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling, CUDA only) | auto (bf16 where native)
     compile: bool = False  # torch.compile the backbone (no gain measured on CPU; sCM: the student pass only, JVP eager)
     max_bad_steps: int = 10  # stop after this many consecutive steps skipped for non-finite loss/grad; 0 = never
     spike_factor: float = 0.0  # stop if the loss exceeds this × |running median| of recent losses; 0 = off

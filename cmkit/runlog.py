@@ -164,6 +164,12 @@ class RunLog:
         else:
             print(text, file=sys.stderr, flush=True)
 
+    def retotal(self, total: int) -> None:
+        """The run's length changed (train.time_budget_s re-fitted it): the progress bar counts to the new one."""
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
     def advance(self) -> None:
         if self._bar is not None:
             self._bar.update(1)

@@ -51,3 +51,38 @@ def test_fp16_on_cpu_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="fp16.*CUDA"):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()  # refused before the run directory was touched
+
+
+def _cpu_has(monkeypatch, bf16: bool, amx: bool = False):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+
+@pytest.mark.parametrize("bf16, amx, chosen", [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, bf16, amx, chosen):
+    from cmkit.train import resolve_precision
+
+    _cpu_has(monkeypatch, bf16, amx)
+    cpu = torch.device("cpu")
+    assert resolve_precision(load_config("configs/ict_toy.yaml", ["train.precision=auto"]), cpu).train.precision == chosen
+    for given in ("fp32", "bf16"):  # an explicit choice stands on any machine
+        assert resolve_precision(load_config("configs/ict_toy.yaml", [f"train.precision={given}"]), cpu).train.precision == given
+
+
+def test_auto_precision_trains_as_the_precision_it_chose_and_records_it(tmp_path, monkeypatch):
+    """Ground truth: a run with train.precision=auto on a (pretended) AVX512-BF16 CPU equals one with bf16 given."""
+    import yaml
+
+    from test_train import _params, _walk
+
+    _cpu_has(monkeypatch, True)
+    train(load_config("configs/ict_toy.yaml", [*TINY, "train.precision=auto", f"run.dir={tmp_path / 'auto'}"]))
+    train(load_config("configs/ict_toy.yaml", [*TINY, "train.precision=bf16", f"run.dir={tmp_path / 'bf16'}"]))
+    assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["train"]["precision"] == "bf16"
+    a, b = _params(tmp_path / "auto"), _params(tmp_path / "bf16")
+    for k, v in _walk(a["objective"]):
+        assert torch.equal(v, dict(_walk(b["objective"]))[k]), k
+    _cpu_has(monkeypatch, False)  # resuming where bf16 is not native re-chooses: the run goes on in fp32
+    train(load_config("configs/ict_toy.yaml", [*TINY, "train.steps=5", "train.precision=auto",
+                                               f"run.dir={tmp_path / 'auto'}"]))
+    assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["train"]["precision"] == "fp32"

@@ -286,7 +286,7 @@ BAD_CASES = [
     (["bogus.key=1"], "must be section.key with section one of"),
     (["net.name=resnet"], "resnet"),
     pytest.param(["train.precision=fp16"], "needs a CUDA device", marks=NO_GPU),
-    (["train.precision=int8"], "train.precision='int8' is not valid"),
+    (["train.precision=int8"], "train.precision='int8' is not valid. Choose one of: fp32, bf16, fp16, auto"),
     (["train.accumulate=3"], "must be divisible by the 1 rank(s) times train.accumulate=3"),
     pytest.param(["train.device=cuda"], "no CUDA GPU is visible", marks=NO_GPU),
     (["net.class_cond=true"], "needs labelled data"),
