@@ -65,6 +65,18 @@ VARIANTS: dict[str, list[str]] = {
     # after the choice: the diffusion loss's own knobs
     "b32_ot_diff2_cos": B32 + OT_DIFF + COSINE + ["method.diffusion_weight=2.0"],  # the later value wins
     "b32_ot_diff_r05_cos": B32 + OT_DIFF + COSINE + ["method.diffusion_r=0.5"],
+    # third round (2026-12-03, against the class-conditional demo, bf16 autocast): the network's size and the batch
+    # again, now that bf16 makes each step 1.33x cheaper. Fixed lengths at equal cost (the budget off): 2533 steps of
+    # the demo (what 400 s bought at 2 threads in bf16 that day); one-thread bf16 probes: channels 24 1.53x,
+    # channels 32 2.1x, batch 64 1.62x, two blocks per level 1.32x.
+    **{name: ["train.time_budget_s=0", "train.precision=bf16"] + extra for name, extra in {
+        "cc_bf16": ["train.steps=2533"],
+        "cc_bf16_seed1": ["train.steps=2533", "train.seed=1"],
+        "cc_bf16_ch24": ["train.steps=1655", "net.channels=24"],
+        "cc_bf16_ch32": ["train.steps=1206", "net.channels=32"],
+        "cc_bf16_b64": ["train.steps=1563", "train.batch_size=64"],
+        "cc_bf16_nb2": ["train.steps=1919", "net.num_blocks=2"],
+    }.items()},
     "act_ict": ["train.steps=1400", "train.batch_size=32", "method.name=act_ict", "method.s0=10", "method.s1=80"],
     "sct": ["train.steps=675", "train.batch_size=64", "method.name=sct", "method.tangent_warmup=100",
             "net.embedding=positional", "net.modulation=double_norm", "train.lr=5e-4", "train.betas=[0.9,0.99]"],

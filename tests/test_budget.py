@@ -163,7 +163,7 @@ def test_cli_summary_says_the_length_is_a_cap(tmp_path):
     from cmkit.cli import config_summary
 
     cfg = load_config("configs/ict_mnist_demo.yaml")
-    assert "up to 3600 steps (as many as fit train.time_budget_s=400) x batch 32" in config_summary(cfg)
+    assert "up to 6000 steps (as many as fit train.time_budget_s=400) x batch 32" in config_summary(cfg)
 
 
 @pytest.mark.parametrize("value", ["-1", "inf", "nan"])
