@@ -107,6 +107,7 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     from cmkit.images import save_samples
     from cmkit.run import load
+    from cmkit.sampling import check_temperature
 
     if Path(args.out).suffix not in (".png", ".npz"):
         from cmkit.config import ConfigError
@@ -114,12 +115,13 @@ def cmd_sample(args) -> int:
         raise ConfigError(f"--out '{args.out}' must end in .png (image grid) or .npz (raw samples)")
     _positive(args.steps, "--steps", "sampling steps; 1 = one-step generation")
     _positive(args.n, "--n", "number of samples")
+    check_temperature(args.temperature, "--temperature")
     _check_device(args.device)
     run = load(args.run, args.checkpoint, device=args.device)
     _check_times(args.times, run)
     labels = sample_labels(args.labels, args.n, run)
     x = run.sample(args.n, args.steps, times=args.times, seed=args.seed, ema=not args.no_ema, guidance=args.guidance,
-                   class_labels=labels)
+                   class_labels=labels, temperature=args.temperature)
     save_samples(x, args.out, run.dataset.kind, reference=run.dataset, labels=labels)
     steps = len(args.times) if args.times else args.steps
     how = f"times {' '.join(f'{t:g}' for t in args.times)}" if args.times else f"{steps}-step"
@@ -173,6 +175,9 @@ def add_sample(sub) -> None:
                         "an .npz out stores them as array 'labels'")
     p.add_argument("--guidance", type=float, default=None,
                    help="CFG scale w of an sCD student trained with net.guidance_cond=true (default: method.guidance)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="factor T on the sampler's starting noise (default 1: the model's own distribution; below 1 "
+                        "trades recall for precision, the truncation trick; not in the papers)")
     p.add_argument("--checkpoint", default=None, help="a specific checkpoint file")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_sample)
@@ -356,7 +361,9 @@ def add_inspect_data(sub) -> None:
 def cmd_eval(args) -> int:
     from cmkit.config import ConfigError
     from cmkit.evaluation import evaluate_run, format_table
+    from cmkit.sampling import check_temperature
 
+    check_temperature(args.temperature, "--temperature")
     _check_device(args.device)
     if args.samples is not None:
         return _eval_samples(args)
@@ -366,7 +373,8 @@ def cmd_eval(args) -> int:
         raise ConfigError("--data, --config and --range apply to --samples only: a run brings its own data config")
     report = evaluate_run(args.run, args.steps, args.n, features=args.features, k=args.k, seed=args.seed,
                           inception_weights=args.inception_weights, reference=args.reference,
-                          checkpoint=args.checkpoint, device=args.device, ema=not args.no_ema, out=args.out)
+                          checkpoint=args.checkpoint, device=args.device, ema=not args.no_ema, out=args.out,
+                          temperature=args.temperature)
     p = report["protocol"]
     print(f"cmkit eval: {args.run} at {p['nimg']} images, {p['n_generated']} samples vs {p['reference']['n']} "
           f"reference ({p['reference']['split']} split), features {p['features']}, k={p['k']}, seed {p['seed']}")
@@ -386,7 +394,8 @@ def _eval_samples(args) -> int:
         raise ConfigError("give either a run directory or --samples, not both")
     if not args.data and not args.config:
         raise ConfigError("--samples needs the reference data: --data NAME (e.g. mnist) or --config RUN/config.yaml")
-    ignored = [o for o, v in (("--steps", args.steps), ("--n", args.n), ("--checkpoint", args.checkpoint)) if v]
+    ignored = [o for o, v in (("--steps", args.steps), ("--n", args.n), ("--checkpoint", args.checkpoint),
+                              ("--temperature", args.temperature != 1.0)) if v]
     if ignored or args.no_ema:
         raise ConfigError(f"{', '.join(ignored + ['--no-ema'] * args.no_ema)} do not apply to --samples "
                           f"(the file's samples are scored as they are)")
@@ -429,6 +438,9 @@ def add_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON file (default RUN/metrics.json, or FILE_metrics.json for --samples)")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw student weights")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="factor T on the sampler's starting noise, recorded in metrics.json (default 1: the model's "
+                        "own distribution; below 1 trades recall for precision, the truncation trick)")
     p.add_argument("--checkpoint", default=None, help="a specific checkpoint file")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)

@@ -64,8 +64,10 @@ class Run:
     def sample(self, n: int, steps: int = 1, *, times: list[float] | None = None, seed: int = 0,
                ema: bool = True, data_space: bool = True, batch_size: int = 256,
                class_labels: torch.Tensor | None = None, guidance: float | None = None,
-               ema_index: int | None = None) -> torch.Tensor:
+               ema_index: int | None = None, temperature: float = 1.0) -> torch.Tensor:
         """n samples with a K-step sampler (times default to the method's), in data space by default.
+
+        ``temperature``: the factor on the starting noise (cmkit.sampling.sample_batched); 1 = the model's own.
 
         ``guidance``: the CFG scale w of a guidance-conditional sCD student (default: its method.guidance).
         ``ema_index``: which tracked EMA samples (default: train.ema_sample), as in ``model``.
@@ -78,7 +80,7 @@ class Run:
         guidance = self.objective.sample_guidance if guidance is None else guidance
         x = sample_batched(self.model(ema, ema_index), n, self.dataset.shape, times, sampler=self.objective.sampler,
                            seed=seed, device=self.device, batch_size=batch_size, class_labels=class_labels,
-                           guidance=guidance)
+                           guidance=guidance, temperature=temperature)
         return self.dataset.to_data_space(x) if data_space else x
 
 

@@ -575,6 +575,23 @@ def test_confidence_breakdown_benchmark_agrees_with_eval_and_cleans_as_stated(di
     assert out["real"]["cleaned"]["binarised at 0.5"] == pytest.approx(float((p >= 0.9).double().mean()), abs=1e-12)
     assert set(out["real"]["cleaned"]) == {"background < 0.1 zeroed", "background < 0.2 zeroed",
                                            "background < 0.3 zeroed", "binarised at 0.5"}
+    # the real-image probes: noise and contrast recomputed by hand; the collapsed set's recall is 0 by construction
+    probes = out["probes"]
+    g = torch.Generator().manual_seed(0)  # eval.seed; the blurs draw nothing, the first noise is std 0.05's
+    noisy = (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    with torch.no_grad():
+        share = float((torch.softmax(net(noisy), dim=1).max(dim=1).values >= 0.9).double().mean())
+        assert probes["perturbed"]["noise std 0.05"] == pytest.approx(share, abs=1e-12)
+        share = float((torch.softmax(net(0.8 * x), dim=1).max(dim=1).values >= 0.9).double().mean())
+        assert probes["perturbed"]["contrast x0.8"] == pytest.approx(share, abs=1e-12)
+    assert len(probes["perturbed"]) == len(module.BLURS) + len(module.NOISES) + len(module.CONTRASTS)
+    images, labels = module.collapsed(DataConfig(name="digits"), 200)
+    assert torch.unique(images.reshape(200, -1), dim=0).shape[0] == 10
+    assert labels.tolist() == [i % 10 for i in range(200)]
+    assert probes["collapsed"]["recall"] == 0.0  # 10 distinct points, each its own duplicate: k-NN radii 0
+    with torch.no_grad():
+        by_hand = float((net(images).argmax(dim=1) == labels).double().mean())
+    assert probes["collapsed"]["class_match"] == pytest.approx(by_hand, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------
@@ -662,3 +679,54 @@ def test_sample_labels_on_an_unconditional_run_and_bad_label_arrays_are_clear_er
         np.savez(f, samples=good, labels=labels)
         assert main(["eval", "--samples", str(f), "--data", "digits"]) == 2, name
         assert message in capsys.readouterr().err, name
+
+
+# ----------------------------------------------------------------------------
+# Noise temperature (the truncation trick): --temperature T scales the starting noise, and only that.
+
+
+def test_temperature_scales_only_the_starting_noise():
+    from cmkit.sampling import sample_batched
+
+    seen = []
+
+    def recording_sampler(model, noise, times, *, generator=None, class_labels=None):
+        later = torch.randn(noise.shape, generator=generator)  # what a multistep sampler draws for its next step
+        seen.append((noise.clone(), later))
+        return noise
+
+    model = torch.nn.Linear(1, 1)
+    for tau in (1.0, 0.5, 1.7):
+        sample_batched(model, 5, (3,), [80.0], sampler=recording_sampler, batch_size=2, seed=4, temperature=tau)
+    plain, half, hot = seen[0:3], seen[3:6], seen[6:9]
+    for (z1, l1), (zh, lh), (zt, lt) in zip(plain, half, hot):
+        torch.testing.assert_close(zh, 0.5 * z1, rtol=0, atol=0)
+        torch.testing.assert_close(zt, 1.7 * z1, rtol=0, atol=0)
+        assert torch.equal(lh, l1) and torch.equal(lt, l1)  # the generator's stream is not consumed differently
+
+
+def test_cli_temperature_in_sample_and_eval_and_bad_values(toy_run, tmp_path, capsys):
+    from cmkit.cli import main
+    from cmkit.run import load
+
+    npz = tmp_path / "t.npz"
+    assert main(["sample", str(toy_run), "--n", "20", "--temperature", "0.5", "--out", str(npz)]) == 0
+    with np.load(npz) as f:
+        direct = load(toy_run).sample(20, 1, seed=0, temperature=0.5)
+        assert np.array_equal(f["samples"], direct.numpy())
+        assert not np.array_equal(f["samples"], load(toy_run).sample(20, 1, seed=0).numpy())
+    plain = evaluate_run(toy_run, steps=[1], n=300, out=tmp_path / "plain.json")
+    assert main(["eval", str(toy_run), "--steps", "1", "--n", "300", "--temperature", "0.5",
+                 "--out", str(tmp_path / "cold.json")]) == 0
+    cold = json.loads((tmp_path / "cold.json").read_text())
+    assert cold["protocol"]["noise_temperature"] == 0.5 and "noise_temperature" not in plain["protocol"]
+    assert cold["steps"]["1"]["fd"] != plain["steps"]["1"]["fd"]
+    capsys.readouterr()
+    for bad in ("0", "-1", "nan", "inf"):
+        out = tmp_path / f"bad{bad}.npz"
+        assert main(["sample", str(toy_run), "--n", "4", "--temperature", bad, "--out", str(out)]) == 2, bad
+        assert "--temperature" in capsys.readouterr().err and not out.exists(), bad
+        assert main(["eval", str(toy_run), "--temperature", bad, "--out", str(tmp_path / "b.json")]) == 2, bad
+        assert "--temperature" in capsys.readouterr().err and not (tmp_path / "b.json").exists(), bad
+    assert main(["eval", "--samples", str(npz), "--config", str(toy_run / "config.yaml"), "--temperature", "0.5"]) == 2
+    assert "--temperature" in capsys.readouterr().err

@@ -191,10 +191,11 @@ def evaluate_run(run_dir: str | Path, steps: list[int] | None = None, n: int | N
                  features: str | None = None, k: int | None = None, seed: int | None = None,
                  inception_weights: str | None = None, reference: str | None = None,
                  checkpoint: str | Path | None = None, device: str = "cpu", ema: bool = True,
-                 batch_size: int = 256, out: str | Path | None = None) -> dict:
+                 batch_size: int = 256, out: str | Path | None = None, temperature: float = 1.0) -> dict:
     """Evaluate a trained run's EMA weights at each step count; write and return metrics.json's content.
 
-    Unset options come from the run's ``eval`` config section.
+    Unset options come from the run's ``eval`` config section. ``temperature`` != 1 scales the starting noise
+    (cmkit.sampling.sample_batched) and is recorded as protocol["noise_temperature"].
     """
     from dataclasses import replace
 
@@ -210,8 +211,10 @@ def evaluate_run(run_dir: str | Path, steps: list[int] | None = None, n: int | N
     evaluator = Evaluator(cfg, autoencoder=getattr(run.dataset, "autoencoder", None))
     model = run.model(ema)
     results = evaluator.evaluate(
-        lambda s, m, sd: run.sample(m, s, seed=sd, ema=ema, batch_size=batch_size), model, cfg.eval.steps, cfg.eval.n)
+        lambda s, m, sd: run.sample(m, s, seed=sd, ema=ema, batch_size=batch_size, temperature=temperature),
+        model, cfg.eval.steps, cfg.eval.n)
     protocol = {**evaluator.protocol, "n_generated": cfg.eval.n, "sampler_steps": cfg.eval.steps,
+                **({"noise_temperature": temperature} if temperature != 1.0 else {}),
                 "weights": _weights_label(run, ema),
                 "nimg": run.nimg, "method": cfg.method.name, "cmkit_version": __version__, "device": device}
     report = json_safe({"protocol": protocol, "steps": {key: _mark_diverged(row) for key, row in results.items()}})
