@@ -236,7 +236,7 @@ def sample_batched(
     ``temperature`` τ scales the starting noise (x_T = τ·σ_max·z for VE samplers), the truncation / temperature
     trick of GANs and flows; not in the five papers. τ < 1 trades recall for precision. Only the start is scaled:
     the fresh noise of a multistep sampler's later steps keeps its std. Measured on the demo model in
-    docs/results.md ("noise temperature").
+    docs/results.md ("The demo model's sampling knobs").
     """
     check_temperature(temperature)
     if guidance is not None:
