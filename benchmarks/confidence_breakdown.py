@@ -75,10 +75,9 @@ def collapsed(data_cfg, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return train.to_data_space(train.x[first[labels]]), labels
 
 
-def probes(run, n: int, probabilities, confidence) -> dict:
-    """The `confident` share of perturbed real reference images and the metrics of a collapsed set (see above)."""
-    ref = reference_dataset(run.cfg.data, run.cfg.eval.reference)
-    x = ref.to_data_space(ref.x)
+def probes(run, x: torch.Tensor, n: int, confidence) -> dict:
+    """The `confident` share of the real reference images x (in [0, 1]) perturbed, and the metrics of a collapsed
+    set (see above)."""
     out = {"perturbed": {name: confidence(y) for name, y in perturbed(x, run.cfg.eval.seed).items()}}
     for name, value in out["perturbed"].items():
         print(f"real {run.cfg.eval.reference} images, {name}: confident {value:.3f}")
@@ -107,13 +106,13 @@ def main(argv: list[str] | None = None) -> dict:
     probabilities, _ = classifier_probabilities(name)
     confidence, _ = classifier_confidence(name)
     ref = reference_dataset(run.cfg.data, run.cfg.eval.reference)
-    out = {"real": report(f"real {run.cfg.eval.reference} images (n={len(ref.x)})", ref.to_data_space(ref.x),
-                          probabilities, confidence)}
+    real = ref.to_data_space(ref.x)
+    out = {"real": report(f"real {run.cfg.eval.reference} images (n={len(real)})", real, probabilities, confidence)}
     for steps in args.steps:
         x = run.sample(args.n, steps, seed=run.cfg.eval.seed, ema=True)
         out[str(steps)] = report(f"{steps}-step samples (n={args.n}, nimg {run.nimg})", x, probabilities, confidence)
     if not args.no_probes:
-        out["probes"] = probes(run, args.n, probabilities, confidence)
+        out["probes"] = probes(run, real, args.n, confidence)
     return out
 
 

@@ -246,9 +246,7 @@ def sample_batched(
     out = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
-        noise = torch.randn((b, *shape), generator=generator, device=device)
-        if temperature != 1.0:
-            noise = noise * temperature
+        noise = temperature * torch.randn((b, *shape), generator=generator, device=device)  # exact at τ = 1
         labels = None if class_labels is None else class_labels[start : start + b].to(device)
         out.append(sampler(model, noise, times, generator=generator, class_labels=labels).cpu())
     return torch.cat(out) if out else torch.empty((0, *shape))
