@@ -107,7 +107,7 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     from cmkit.images import save_samples
     from cmkit.run import load
-    from cmkit.sampling import check_temperature
+    from cmkit.sampling import check_guidance, check_temperature
 
     if Path(args.out).suffix not in (".png", ".npz"):
         from cmkit.config import ConfigError
@@ -116,6 +116,8 @@ def cmd_sample(args) -> int:
     _positive(args.steps, "--steps", "sampling steps; 1 = one-step generation")
     _positive(args.n, "--n", "number of samples")
     check_temperature(args.temperature, "--temperature")
+    if args.guidance is not None:
+        check_guidance(args.guidance, "--guidance")
     _check_device(args.device)
     run = load(args.run, args.checkpoint, device=args.device)
     _check_times(args.times, run)
@@ -174,7 +176,8 @@ def add_sample(sub) -> None:
                    help="class-conditional runs: the classes to draw, repeated over --n (default: 0, 1, ..., K-1, ...); "
                         "an .npz out stores them as array 'labels'")
     p.add_argument("--guidance", type=float, default=None,
-                   help="CFG scale w of an sCD student trained with net.guidance_cond=true (default: method.guidance)")
+                   help="CFG scale w (1 = none): of an sCD student trained with net.guidance_cond=true (default: "
+                        "method.guidance), or of a class-conditional model trained with method.label_dropout > 0")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="factor T on the sampler's starting noise (default 1: the model's own distribution; below 1 "
                         "trades recall for precision, the truncation trick; not in the papers)")
@@ -361,9 +364,11 @@ def add_inspect_data(sub) -> None:
 def cmd_eval(args) -> int:
     from cmkit.config import ConfigError
     from cmkit.evaluation import evaluate_run, format_table
-    from cmkit.sampling import check_temperature
+    from cmkit.sampling import check_guidance, check_temperature
 
     check_temperature(args.temperature, "--temperature")
+    if args.guidance is not None:
+        check_guidance(args.guidance, "--guidance")
     _check_device(args.device)
     if args.samples is not None:
         return _eval_samples(args)
@@ -374,7 +379,7 @@ def cmd_eval(args) -> int:
     report = evaluate_run(args.run, args.steps, args.n, features=args.features, k=args.k, seed=args.seed,
                           inception_weights=args.inception_weights, reference=args.reference,
                           checkpoint=args.checkpoint, device=args.device, ema=not args.no_ema, out=args.out,
-                          temperature=args.temperature)
+                          temperature=args.temperature, guidance=args.guidance)
     p = report["protocol"]
     print(f"cmkit eval: {args.run} at {p['nimg']} images, {p['n_generated']} samples vs {p['reference']['n']} "
           f"reference ({p['reference']['split']} split), features {p['features']}, k={p['k']}, seed {p['seed']}")
@@ -395,7 +400,7 @@ def _eval_samples(args) -> int:
     if not args.data and not args.config:
         raise ConfigError("--samples needs the reference data: --data NAME (e.g. mnist) or --config RUN/config.yaml")
     ignored = [o for o, v in (("--steps", args.steps), ("--n", args.n), ("--checkpoint", args.checkpoint),
-                              ("--temperature", args.temperature != 1.0)) if v]
+                              ("--temperature", args.temperature != 1.0), ("--guidance", args.guidance is not None)) if v]
     if ignored or args.no_ema:
         raise ConfigError(f"{', '.join(ignored + ['--no-ema'] * args.no_ema)} do not apply to --samples "
                           f"(the file's samples are scored as they are)")
@@ -441,6 +446,9 @@ def add_eval(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0,
                    help="factor T on the sampler's starting noise, recorded in metrics.json (default 1: the model's "
                         "own distribution; below 1 trades recall for precision, the truncation trick)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale w, recorded in metrics.json: of a guidance-conditional sCD student, or of a "
+                        "class-conditional model trained with method.label_dropout > 0 (1 = none)")
     p.add_argument("--checkpoint", default=None, help="a specific checkpoint file")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)

@@ -26,6 +26,9 @@ def summarize(run_dir: str | Path) -> str:
     metrics = run / "metrics.json"
     if metrics.is_file():
         m = json.loads(metrics.read_text())
+        w = m.get("protocol", {}).get("guidance")
+        if w is not None:
+            lines.append(f"sampled with classifier-free guidance w = {w:g} (method.guidance; nfe counts both passes)")
         for k, v in m.get("steps", {}).items():
             vals = ", ".join(f"{name} {val:.4g}" for name, val in v.items() if isinstance(val, (int, float)))
             lines.append(f"{k}-step: {vals}")

@@ -383,9 +383,9 @@ def edit_run(run, task: str, x: Tensor | None = None, *, mask: Tensor | None = N
 
     Returns (result, degraded view of the input). ``sigma`` (denoise) is the noise std in [0, 1]
     pixel units; ``factor`` (superres) defaults to data size / input size, or 2 for full-size input.
-    ``guidance``: the CFG scale w of a guidance-conditional sCD student (default: its method.guidance).
+    ``guidance``: the CFG scale w (cmkit.run.Run.guided): of a guidance-conditional sCD student (default: its
+    method.guidance) or of a class-conditional model trained with method.label_dropout > 0.
     """
-    from cmkit.sampling import WithGuidance
     from cmkit.config import ConfigError
 
     if task not in TASKS:
@@ -393,10 +393,7 @@ def edit_run(run, task: str, x: Tensor | None = None, *, mask: Tensor | None = N
     model, ds = run.model(ema), run.dataset
     if getattr(model, "kind", "consistency") != "consistency":
         raise ConfigError(f"run '{run.dir}' holds a {model.kind} model; zero-shot editing needs a consistency model")
-    if run.cfg.net.guidance_cond:
-        model = WithGuidance(model, run.objective.sample_guidance if guidance is None else guidance)
-    elif guidance is not None:
-        raise ConfigError("a guidance scale needs a student trained with net.guidance_cond=true (sCD with CFG)")
+    model = run.guided(model, guidance)
     labels = None
     if run.cfg.net.class_cond:
         if label is None:

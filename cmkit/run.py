@@ -14,7 +14,7 @@ from cmkit.data import load_dataset
 from cmkit.latent import check_autoencoder
 from cmkit.ema import EMA
 from cmkit.objectives import build_objective
-from cmkit.sampling import cycled_labels, sample_batched
+from cmkit.sampling import cycled_labels, guidance_scale, guided_model, sample_batched
 
 
 class Run:
@@ -61,6 +61,16 @@ class Run:
             return self.objective.model
         return self.ema.modules[self.cfg.train.ema_sample if index is None else index]
 
+    def guided(self, model, guidance: float | None = None):
+        """``model`` with the run's CFG scale w applied (cmkit.sampling.guidance_scale: ``guidance`` if given,
+        else the run's default; a guidance-conditional student takes it as an input, a model trained with
+        method.label_dropout > 0 is guided on its output with two network evaluations a step)."""
+        return guided_model(model, self.cfg, self.objective.sample_guidance, self.dataset.num_classes, guidance)
+
+    def guidance_scale(self, guidance: float | None = None) -> float | None:
+        """The CFG scale w this run samples with (None: unguided), as ``guided`` applies it."""
+        return guidance_scale(self.cfg, self.objective.sample_guidance, guidance)
+
     def sample(self, n: int, steps: int = 1, *, times: list[float] | None = None, seed: int = 0,
                ema: bool = True, data_space: bool = True, batch_size: int = 256,
                class_labels: torch.Tensor | None = None, guidance: float | None = None,
@@ -69,18 +79,18 @@ class Run:
 
         ``temperature``: the factor on the starting noise (cmkit.sampling.sample_batched); 1 = the model's own.
 
-        ``guidance``: the CFG scale w of a guidance-conditional sCD student (default: its method.guidance).
+        ``guidance``: the CFG scale w (1 = none; default: the run's method.guidance). A guidance-conditional sCD
+        student takes it as an input; a class-conditional model trained with method.label_dropout > 0 is guided
+        on its output (cmkit.sampling.WithCFG: two network evaluations a step); any other model refuses it.
         ``ema_index``: which tracked EMA samples (default: train.ema_sample), as in ``model``.
         """
         times = times or self.objective.sample_times(steps)
         if class_labels is None and self.cfg.net.class_cond:
             class_labels = cycled_labels(n, self.dataset.num_classes)
-        if guidance is not None and not self.cfg.net.guidance_cond:
-            raise ConfigError("a guidance scale needs a student trained with net.guidance_cond=true (sCD with CFG)")
-        guidance = self.objective.sample_guidance if guidance is None else guidance
-        x = sample_batched(self.model(ema, ema_index), n, self.dataset.shape, times, sampler=self.objective.sampler,
+        model = self.guided(self.model(ema, ema_index), guidance)
+        x = sample_batched(model, n, self.dataset.shape, times, sampler=self.objective.sampler,
                            seed=seed, device=self.device, batch_size=batch_size, class_labels=class_labels,
-                           guidance=guidance, temperature=temperature)
+                           temperature=temperature)
         return self.dataset.to_data_space(x) if data_space else x
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cmkit.config import ConfigError
@@ -200,6 +201,73 @@ class WithGuidance(nn.Module):
         return self.model(x, t, class_labels, guidance=self.guidance)
 
 
+class WithCFG(nn.Module):
+    """``model(x, t, class_labels)`` with classifier-free guidance on the model's output:
+    out = f(x, t, ∅) + w·(f(x, t, c) − f(x, t, ∅)), ∅ the zero label vector (cmkit.nets.layers).
+
+    For a model trained with label dropout (method.label_dropout > 0). Ho & Salimans 2021's rule applied to
+    the model's output: for a TrigFlow diffusion model's velocity it is CFG itself; for a consistency model it
+    extrapolates the two one-step maps, a heuristic the five papers do not write down (sCM's Fig. 6 evaluates
+    sCT "under optimal guidance scales" without stating the rule). w = 1 is no guidance. Both halves run as one
+    batch of 2B, so a step costs two network evaluations per sample (metrics.json's nfe counts both). Measured
+    on the demo model in docs/results.md ("Classifier-free guidance of the demo model").
+    """
+
+    def __init__(self, model: nn.Module, scale: float, num_classes: int):
+        super().__init__()
+        self.model, self.scale, self.num_classes, self.process = model, float(scale), num_classes, model.process
+
+    def forward(self, x: Tensor, t, class_labels=None) -> Tensor:
+        if class_labels is None:
+            raise ValueError("classifier-free guidance needs class labels")
+        b = x.shape[0]
+        cond = (class_labels if class_labels.is_floating_point()
+                else F.one_hot(class_labels.long(), self.num_classes)).to(torch.float32)
+        t2 = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim else t
+        out = self.model(torch.cat([x, x]), t2, torch.cat([cond, torch.zeros_like(cond)]))
+        c, u = out[:b], out[b:]
+        return u + self.scale * (c - u)
+
+
+def check_guidance(scale: float, name: str = "guidance") -> None:
+    """A ConfigError unless the CFG scale w is a finite number >= 0 (1 = no guidance, 0 = the unconditional model)."""
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
+        raise ConfigError(f"{name} {scale} must be a finite number >= 0: the classifier-free guidance scale w "
+                          f"(1 = no guidance, above 1 stronger class features, 0 = the unconditional model)")
+
+
+def guidance_scale(cfg, sample_guidance: float | None, guidance: float | None = None) -> float | None:
+    """The CFG scale w a run samples with: ``guidance`` if given, else its default; None = no guidance.
+
+    A guidance-conditional sCD student (net.guidance_cond) takes w as an input, default its method.guidance
+    (``sample_guidance``, the objective's). A class-conditional model trained with method.label_dropout > 0 is
+    guided on its output (WithCFG), default its method.guidance; w = 1 there is the plain conditional model.
+    A scale for any other model is a ConfigError.
+    """
+    if guidance is not None:
+        check_guidance(guidance)
+    if cfg.net.guidance_cond:
+        return sample_guidance if guidance is None else float(guidance)
+    if not getattr(cfg.method, "label_dropout", 0) > 0:
+        if guidance is not None:
+            raise ConfigError("a guidance scale needs a student trained with net.guidance_cond=true (sCD with CFG) "
+                              "or a class-conditional model trained with method.label_dropout > 0 (classifier-free "
+                              "guidance of its output)")
+        return None
+    w = float(getattr(cfg.method, "guidance", 1.0) if guidance is None else guidance)
+    return None if w == 1 else w
+
+
+def guided_model(model: nn.Module, cfg, sample_guidance: float | None, num_classes: int,
+                 guidance: float | None = None) -> nn.Module:
+    """``model`` with the scale of ``guidance_scale`` applied: WithGuidance (an input), WithCFG (on the output),
+    or the model itself when there is none."""
+    w = guidance_scale(cfg, sample_guidance, guidance)
+    if w is None:
+        return model
+    return WithGuidance(model, w) if cfg.net.guidance_cond else WithCFG(model, w, num_classes)
+
+
 def check_temperature(temperature: float, name: str = "temperature") -> None:
     """A ConfigError unless the noise temperature is a finite number > 0 (0 would draw one image per class)."""
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
@@ -233,6 +301,7 @@ def sample_batched(
     """Draw n samples in batches from a seeded generator; the same seed gives the same samples.
 
     ``guidance`` is the CFG scale w given to a guidance-conditional student (net.guidance_cond); None: no input.
+    (cmkit.run.Run.sample picks a run's guidance itself, guided_model: an input or WithCFG.)
     ``temperature`` τ scales the starting noise (x_T = τ·σ_max·z for VE samplers), the truncation / temperature
     trick of GANs and flows; not in the five papers. τ < 1 trades recall for precision. Only the start is scaled:
     the fresh noise of a multistep sampler's later steps keeps its std. Measured on the demo model in

@@ -32,7 +32,7 @@ from cmkit.nets.attention import attention_backend
 from cmkit.objectives import build_objective
 from cmkit.rundir import prepare_run_dir, stored_config, write_config
 from cmkit.runlog import RunLog
-from cmkit.sampling import cycled_labels, sample_batched
+from cmkit.sampling import cycled_labels, guided_model, sample_batched
 from cmkit.objectives.consistency import resolve_sigma_data
 from cmkit.optim import lr_multiplier, make_optimizer, phase_settings
 from cmkit.schedules import Progress
@@ -384,13 +384,14 @@ class Trainer:
 
     # -- samples -------------------------------------------------------------
     def samples(self, steps: int, n: int, seed: int) -> torch.Tensor:
-        model = self.ema.modules[self.cfg.train.ema_sample]
+        model = guided_model(self.ema.modules[self.cfg.train.ema_sample], self.cfg, self.objective.sample_guidance,
+                             self.dataset.num_classes)
         labels = None
         if self.cfg.net.class_cond:
             labels = cycled_labels(n, self.dataset.num_classes)
         x = sample_batched(
             model, n, self.dataset.shape, self.objective.sample_times(steps), sampler=self.objective.sampler,
-            seed=seed, device=self.device, class_labels=labels, guidance=self.objective.sample_guidance,
+            seed=seed, device=self.device, class_labels=labels,
         )
         return self.dataset.to_data_space(x)
 

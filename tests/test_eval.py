@@ -730,3 +730,97 @@ def test_cli_temperature_in_sample_and_eval_and_bad_values(toy_run, tmp_path, ca
         assert "--temperature" in capsys.readouterr().err and not (tmp_path / "b.json").exists(), bad
     assert main(["eval", "--samples", str(npz), "--config", str(toy_run / "config.yaml"), "--temperature", "0.5"]) == 2
     assert "--temperature" in capsys.readouterr().err
+
+
+def test_classifier_free_guidance_is_the_guided_combination_of_the_two_outputs():
+    """cmkit.sampling.WithCFG: f(x,t,∅) + w·(f(x,t,c) − f(x,t,∅)), recomputed from two separate passes;
+    w = 1 is the conditional model, w = 0 the unconditional one (∅ = the zero label vector)."""
+    from cmkit.objectives import build_objective
+    from cmkit.sampling import WithCFG
+
+    K = 10
+    cfg = load_config(None, ["net.name=mlp", "net.hidden=32", "net.depth=2", "net.class_cond=true",
+                             "method.label_dropout=0.1"])
+    torch.manual_seed(0)
+    model = build_objective(cfg, (2,), K).model.eval()
+    with torch.no_grad():
+        for p in model.parameters():  # the label table starts small; make both halves clearly differ
+            p.add_(0.3 * torch.randn_like(p))
+    x, t, labels = torch.randn(12, 2), torch.full((12,), 5.0), torch.arange(12) % K
+    with torch.no_grad():
+        c = model(x, t, torch.nn.functional.one_hot(labels, K).float())
+        u = model(x, t, torch.zeros(12, K))
+        assert (c - u).abs().max() > 1e-3  # the check below can fail
+        for w in (0.0, 1.0, 2.5):
+            torch.testing.assert_close(WithCFG(model, w, K)(x, t, labels), u + w * (c - u))
+        torch.testing.assert_close(WithCFG(model, 1.0, K)(x, t, labels), model(x, t, labels))
+        torch.testing.assert_close(WithCFG(model, 0.0, K)(x, t, labels), u)
+
+
+@pytest.fixture(scope="module")
+def cfg_digits_run(tmp_path_factory):
+    from cmkit.train import train
+
+    root = tmp_path_factory.mktemp("cfgdigits")
+    return train(load_config("configs/ict_digits.yaml", [
+        "net.name=mlp", "net.hidden=32", "net.depth=1", "net.class_cond=true", "data.labels=true",
+        "method.label_dropout=0.2", "method.guidance=1.5", "train.steps=3", "train.batch_size=16", f"data.cache_dir={root / 'cache'}",
+        f"run.dir={root / 'run'}", "run.progress=false", "run.tensorboard=false", "run.sample_n=4",
+        "run.sample_steps=[1]", "eval.every_nimg=0", "train.threads=1"]))
+
+
+def test_cli_guidance_of_a_label_dropout_run_and_bad_values(cfg_digits_run, conditional_digits_run, tmp_path,
+                                                           capsys):
+    from cmkit.cli import main
+    from cmkit.run import load
+    from cmkit.sampling import WithCFG, sample_batched
+
+    run_dir = cfg_digits_run
+    run = load(run_dir)
+    labels = torch.arange(20) % 10
+
+    def by_hand(model):  # the sampler fed the given model, the run's EMA weights, the same seed and labels
+        x = sample_batched(model, 20, run.dataset.shape, run.objective.sample_times(2), seed=0, class_labels=labels)
+        return run.dataset.to_data_space(x).numpy()
+
+    unguided = by_hand(run.model())
+    cases = {"2": by_hand(WithCFG(run.model(), 2.0, 10)), "1": unguided, None: by_hand(WithCFG(run.model(), 1.5, 10))}
+    for w, expected in cases.items():  # None: the run's own method.guidance = 1.5
+        npz = tmp_path / f"g{w}.npz"
+        assert main(["sample", str(run_dir), "--n", "20", "--steps", "2", *(["--guidance", w] if w else []),
+                     "--out", str(npz)]) == 0
+        with np.load(npz) as f:
+            assert np.allclose(f["samples"], expected, atol=1e-6), w
+    assert not np.allclose(cases["2"], unguided, atol=1e-3) and not np.allclose(cases[None], unguided, atol=1e-3)
+    assert run.guidance_scale() == 1.5 and run.guidance_scale(1.0) is None and run.guidance_scale(3) == 3.0
+    plain = evaluate_run(run_dir, steps=[1], n=200)  # RUN/metrics.json, which make demo's summary reads
+    from cmkit.demo_summary import summarize
+
+    assert "classifier-free guidance w = 1.5" in summarize(run_dir)
+    assert main(["eval", str(run_dir), "--steps", "1", "--n", "200", "--guidance", "3",
+                 "--out", str(tmp_path / "w3.json")]) == 0
+    w3 = json.loads((tmp_path / "w3.json").read_text())
+    assert w3["protocol"]["guidance"] == 3.0 and plain["protocol"]["guidance"] == 1.5
+    assert main(["eval", str(run_dir), "--steps", "1", "--n", "200", "--guidance", "1",
+                 "--out", str(tmp_path / "w1.json")]) == 0
+    assert "guidance" not in json.loads((tmp_path / "w1.json").read_text())["protocol"]
+    assert w3["steps"]["1"]["fd"] != plain["steps"]["1"]["fd"]
+    capsys.readouterr()
+    for bad in ("-1", "nan", "inf"):
+        out = tmp_path / f"bad{bad}.npz"
+        assert main(["sample", str(run_dir), "--n", "4", "--guidance", bad, "--out", str(out)]) == 2, bad
+        assert "--guidance" in capsys.readouterr().err and not out.exists(), bad
+        assert main(["eval", str(run_dir), "--guidance", bad, "--out", str(tmp_path / "b.json")]) == 2, bad
+        assert "--guidance" in capsys.readouterr().err and not (tmp_path / "b.json").exists(), bad
+    # a class-conditional run trained without label dropout has no unconditional model to guide with
+    out = tmp_path / "nodrop.npz"
+    assert main(["sample", str(conditional_digits_run), "--n", "4", "--guidance", "2", "--out", str(out)]) == 2
+    assert "method.label_dropout" in capsys.readouterr().err and not out.exists()
+    assert main(["eval", "--samples", str(tmp_path / "g2.npz"), "--data", "digits", "--guidance", "2"]) == 2
+    assert "--guidance" in capsys.readouterr().err
+    # method.guidance without the unconditional model to guide with is refused at load
+    with pytest.raises(ConfigError, match="method.label_dropout"):
+        load_config(None, ["method.guidance=2"])
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(ConfigError, match="method.guidance"):
+            load_config(None, ["method.label_dropout=0.1", f"method.guidance={bad}"])

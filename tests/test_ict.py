@@ -145,3 +145,44 @@ def test_two_step_sampler_uses_the_configured_mid_sigma():
         load_config(None, ["method.name=ict", "method.mid_sigmas=[90.0]"])
     with pytest.raises(ConfigError, match="mid_sigmas"):
         load_config(None, ["method.name=cd", "method.teacher=analytic", "method.mid_sigmas=[0.5, 1.0]"])
+
+
+def test_label_dropout_feeds_the_null_label_to_student_and_target():
+    """method.label_dropout (classifier-free guidance's training half, Ho & Salimans 2021): a dropped label
+    reaches both passes as the zero vector ∅, so the label table gets no gradient from those rows."""
+    from cmkit.config import ConfigError
+
+    K = 10
+    def objective(p):
+        cfg = load_config(None, ["net.name=mlp", "net.hidden=32", "net.depth=2", "net.class_cond=true",
+                                 f"method.label_dropout={p}", "method.distance=l2"])
+        torch.manual_seed(0)
+        return build_objective(cfg, (2,), K)
+
+    x0, labels = torch.randn(64, 2), torch.arange(64) % K
+    grads = {}
+    for p in (0.0, 0.999999):
+        obj = objective(p)
+        torch.manual_seed(1)
+        loss = obj.loss({"x": x0, "labels": labels}, Progress(0, 1000, 64))["loss"]
+        loss.mean().backward()
+        grads[p] = obj.model.net.embed.label.weight.grad.abs().sum().item()
+        # the same loss by hand with every label replaced by ∅: the dropout draw, then the pairs and the noise
+        obj.zero_grad()
+        torch.manual_seed(1)
+        torch.rand(64, 1)
+        sigma_i, sigma_next, _ = obj.sample_pairs(x0, Progress(0, 1000, 64))
+        z = torch.randn_like(x0)
+        null = torch.zeros(64, K) if p > 0 else labels
+        with torch.no_grad():
+            target = obj.model(obj.process.add_noise(x0, z, sigma_i.float()), sigma_i.float(), null)
+            student = obj.model(obj.process.add_noise(x0, z, sigma_next.float()), sigma_next.float(), null)
+        if p > 0:
+            weight = 1 / (sigma_next - sigma_i)  # iCT's λ = 1/(σ_{i+1} - σ_i), d = ‖·‖² (method.distance=l2)
+            by_hand = weight.float() * (student - target).square().sum(1)
+            torch.testing.assert_close(loss.detach(), by_hand, rtol=1e-4, atol=1e-6)
+    assert grads[0.0] > 0 and grads[0.999999] == 0  # dropped rows leave the label table alone
+    with pytest.raises(ConfigError, match="label_dropout"):
+        load_config(None, ["method.label_dropout=1.0"])
+    with pytest.raises(ConfigError, match="class-conditional"):
+        build_objective(load_config(None, ["net.name=mlp", "method.label_dropout=0.1"]), (2,))

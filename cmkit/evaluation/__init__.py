@@ -191,11 +191,13 @@ def evaluate_run(run_dir: str | Path, steps: list[int] | None = None, n: int | N
                  features: str | None = None, k: int | None = None, seed: int | None = None,
                  inception_weights: str | None = None, reference: str | None = None,
                  checkpoint: str | Path | None = None, device: str = "cpu", ema: bool = True,
-                 batch_size: int = 256, out: str | Path | None = None, temperature: float = 1.0) -> dict:
+                 batch_size: int = 256, out: str | Path | None = None, temperature: float = 1.0,
+                 guidance: float | None = None) -> dict:
     """Evaluate a trained run's EMA weights at each step count; write and return metrics.json's content.
 
     Unset options come from the run's ``eval`` config section. ``temperature`` != 1 scales the starting noise
-    (cmkit.sampling.sample_batched) and is recorded as protocol["noise_temperature"].
+    (cmkit.sampling.sample_batched) and is recorded as protocol["noise_temperature"]; ``guidance`` is the CFG
+    scale w (cmkit.run.Run.sample; default the run's own), recorded as protocol["guidance"] when there is one.
     """
     from dataclasses import replace
 
@@ -211,10 +213,12 @@ def evaluate_run(run_dir: str | Path, steps: list[int] | None = None, n: int | N
     evaluator = Evaluator(cfg, autoencoder=getattr(run.dataset, "autoencoder", None))
     model = run.model(ema)
     results = evaluator.evaluate(
-        lambda s, m, sd: run.sample(m, s, seed=sd, ema=ema, batch_size=batch_size, temperature=temperature),
+        lambda s, m, sd: run.sample(m, s, seed=sd, ema=ema, batch_size=batch_size, temperature=temperature,
+                                   guidance=guidance),
         model, cfg.eval.steps, cfg.eval.n)
     protocol = {**evaluator.protocol, "n_generated": cfg.eval.n, "sampler_steps": cfg.eval.steps,
                 **({"noise_temperature": temperature} if temperature != 1.0 else {}),
+                **({"guidance": w} if (w := run.guidance_scale(guidance)) is not None else {}),
                 "weights": _weights_label(run, ema),
                 "nimg": run.nimg, "method": cfg.method.name, "cmkit_version": __version__, "device": device}
     report = json_safe({"protocol": protocol, "steps": {key: _mark_diverged(row) for key, row in results.items()}})

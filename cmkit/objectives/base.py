@@ -76,6 +76,15 @@ class Objective(nn.Module):
         pass
 
 
+def drop_labels(labels: Tensor, num_classes: int, p: float) -> Tensor:
+    """One-hot float labels (B, K) with each row zeroed, the null label ∅ of classifier-free guidance
+    (cmkit.nets.layers.NoiseEmbedding), with probability p (Ho & Salimans 2021: p_uncond 0.1-0.2), so one
+    network learns both the conditional and the unconditional model. p = 0 gives plain one-hot labels."""
+    onehot = torch.nn.functional.one_hot(labels.long(), num_classes).to(torch.float32)
+    keep = torch.rand(labels.shape[0], 1, device=labels.device) >= p
+    return onehot * keep
+
+
 def _rng_state(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.get_rng_state(device)

@@ -20,7 +20,7 @@ from cmkit.losses import DISTANCE_NAMES, l2, make_distance
 from cmkit.lpips import check_lpips_options
 from cmkit.model import Parameterized
 from cmkit.nets import build_network
-from cmkit.objectives.base import Objective, Phase, SharedDropout
+from cmkit.objectives.base import Objective, Phase, SharedDropout, drop_labels
 from cmkit.processes import VEProcess
 from cmkit.schedules import (
     CURRICULA,
@@ -89,6 +89,11 @@ class ConsistencyConfig:
     # one more student pass) | next = the student's f_θ(x_{t_{i+1}}, t_{i+1}): no extra pass, one grid step higher.
     diffusion_at: str = "current"
     c_dim_scale: bool = False  # adaptive c times sqrt(d/4096): Eq. 11 was fitted on d = 4096 latents
+    # Not in the five papers: replace a label by the null label ∅ with this probability (Ho & Salimans 2021), so
+    # a class-conditional student also learns f(x, σ, ∅) and can be sampled with classifier-free guidance
+    # (cmkit.sampling.WithCFG). 0 = off, the papers' setting.
+    label_dropout: float = 0.0
+    guidance: float = 1.0  # the CFG scale w that sampling and eval use by default (label_dropout > 0); 1 = none
 
     def validate(self) -> None:
         _choice("curriculum", self.curriculum, CURRICULA)
@@ -103,6 +108,13 @@ class ConsistencyConfig:
             raise ValueError("method.diffusion_weight must be >= 0 and method.diffusion_r in [0, 1]")
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError("method.sigma_min and method.sigma_max need 0 < sigma_min < sigma_max")
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"method.label_dropout must lie in [0, 1), got {self.label_dropout}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise ValueError(f"method.guidance must be a finite number >= 0 (1 = no guidance), got {self.guidance}")
+        if self.guidance != 1 and self.label_dropout == 0:
+            raise ValueError(f"method.guidance={self.guidance} samples with classifier-free guidance, which needs "
+                             f"the unconditional model: set method.label_dropout > 0 (e.g. 0.1), or method.guidance=1")
         if not 1 <= self.s0 <= self.s1:
             raise ValueError(f"method.s0 and method.s1 need 1 <= s0 <= s1, got s0={self.s0}, s1={self.s1}")
         if not 0 <= self.mu0 < 1:
@@ -154,6 +166,9 @@ class ConsistencyTraining(Objective):
         self.distance = make_distance(m, shape, latent=bool(cfg.data.vae))  # an LPIPS module is a submodule
         self.weighting = WEIGHTINGS[m.weighting]
         self._grids: dict = {}
+        self.num_classes = num_classes if cfg.net.class_cond else 0
+        if m.label_dropout > 0 and not self.num_classes:
+            raise ConfigError("method.label_dropout needs a class-conditional model: net.class_cond=true, data.labels=true")
 
     @property
     def phases(self) -> list[Phase]:
@@ -191,6 +206,8 @@ class ConsistencyTraining(Objective):
         """``loss``'s dict plus the student's output f_θ(x + σ_{i+1} z, σ_{i+1}) and σ_{i+1}, for
         objectives that add terms on that output (CM-GAN's generator loss)."""
         x0, labels = batch["x"], batch.get("labels")
+        if labels is not None and self.cfg.label_dropout > 0:  # the same (dropped) label in student and target
+            labels = drop_labels(labels, self.num_classes, self.cfg.label_dropout)
         sigma_i, sigma_next, n = self.sample_pairs(x0, progress)
         z = torch.randn_like(x0)
         if self.cfg.coupling != "none":

@@ -14,7 +14,7 @@ import torch
 from cmkit.config import ConfigError
 from cmkit.model import Parameterized
 from cmkit.nets import build_network
-from cmkit.objectives.base import Objective, Phase
+from cmkit.objectives.base import Objective, Phase, drop_labels
 from cmkit.processes import TIME_TRANSFORMS, TrigFlow
 from cmkit.schedules import Progress, trigflow_lognormal_times
 
@@ -69,16 +69,10 @@ class TrigFlowDiffusion(Objective):
         """``steps`` is the NFE budget: ⌊steps/2⌋ Heun intervals (at least one, NFE = 2 per interval)."""
         return self.process.ode_times(max(steps // 2, 1))
 
-    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """One-hot labels with each row zeroed (the null label, cmkit.nets.layers) with probability label_dropout."""
-        onehot = torch.nn.functional.one_hot(labels.long(), self.num_classes).to(torch.float32)
-        keep = torch.rand(labels.shape[0], 1, device=labels.device) >= self.cfg.label_dropout
-        return onehot * keep
-
     def loss(self, batch, progress: Progress) -> dict:
         x0, labels = batch["x"], batch.get("labels")
         if labels is not None and self.cfg.label_dropout > 0:
-            labels = self.drop_labels(labels)
+            labels = drop_labels(labels, self.num_classes, self.cfg.label_dropout)
         t = trigflow_lognormal_times(x0.shape[0], self.cfg.p_mean, self.cfg.p_std, self.cfg.sigma_data,
                                      device=x0.device).to(x0.dtype)
         z = torch.randn_like(x0)
