@@ -598,6 +598,33 @@ def test_guided_scd_from_a_trigflow_run(tmp_path):
         path, _ = edit_run(student, "interpolate", seeds=(3, 7), n=3, label=1, guidance=w)
         torch.testing.assert_close(path[0], student.sample(1, seed=3, class_labels=one, guidance=w)[0])
         torch.testing.assert_close(path[-1], student.sample(1, seed=7, class_labels=one, guidance=w)[0])
+    # the teacher itself samples with CFG on its velocity, F(·,∅) + w·(F(·,c) − F(·,∅)) (Ho & Salimans 2021),
+    # recomputed here from two separate passes inside the teacher's own ODE sampler
+    from cmkit.sampling import cycled_labels, sample_batched
+
+    teacher_run = load(teacher_dir)
+    assert teacher_run.guidance_scale() is None and teacher_run.guidance_scale(2.0) == 2.0
+    velocity = teacher_run.model(ema=True)
+    with torch.no_grad():  # the label table starts small; make the conditional and unconditional halves differ
+        for p in velocity.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+
+    class ByHand(torch.nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            self.w, self.process = w, velocity.process
+
+        def forward(self, x, t, labels):
+            c = velocity(x, t, torch.nn.functional.one_hot(labels, K).float())
+            u = velocity(x, t, torch.zeros(x.shape[0], K))
+            return u + self.w * (c - u)
+
+    times = teacher_run.objective.sample_times(4)
+    for w in (0.0, 2.0):
+        expected = sample_batched(ByHand(w), 6, (2,), times, sampler=teacher_run.objective.sampler, seed=0,
+                                  device="cpu", class_labels=cycled_labels(6, K))
+        torch.testing.assert_close(teacher_run.sample(6, steps=4, guidance=w, data_space=False), expected)
+    assert not torch.allclose(teacher_run.sample(6, steps=4, guidance=2.0), teacher_run.sample(6, steps=4), atol=1e-3)
     # an unconditional teacher run cannot be guided
     plain_dir = train(load_config(None, [*base, "net.class_cond=false", "data.labels=false", "train.steps=1",
                                          "method.name=trigflow", f"run.dir={tmp_path / 'plain'}"]))
