@@ -204,6 +204,10 @@ def cmd_edit(args) -> int:
     _positive(args.steps, "--steps", "noise levels of the edit")
     if args.sigma < 0 or args.sigma != args.sigma:
         raise ConfigError(f"--sigma {args.sigma} must be > 0: the input's noise std in [0, 1] pixel units (denoise)")
+    if args.guidance is not None:
+        from cmkit.sampling import check_guidance
+
+        check_guidance(args.guidance, "--guidance")
     _check_device(args.device)
     run = load(args.run, args.checkpoint, device=args.device)
     _check_times(args.times, run)
@@ -248,7 +252,9 @@ def add_edit(sub) -> None:
     p.add_argument("--seeds", type=int, nargs=2, default=[0, 1], help="interpolate: the two seeds")
     p.add_argument("--n", type=int, default=8, help="interpolate: number of points")
     p.add_argument("--label", type=int, default=None, help="class label for class-conditional runs")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale w of a guided sCD student (default: its own)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale w (1 = none): of a guidance-conditional sCD student, or of a class-conditional "
+                        "model trained with method.label_dropout > 0 (default: the run's method.guidance)")
     p.add_argument("--compare", action="store_true", help=".png shows the degraded input above each result")
     p.add_argument("--out", required=True, help=".png grid or .npz (arrays 'samples' and 'inputs', data space)")
     p.add_argument("--seed", type=int, default=0)

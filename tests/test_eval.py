@@ -812,6 +812,21 @@ def test_cli_guidance_of_a_label_dropout_run_and_bad_values(cfg_digits_run, cond
         assert "--guidance" in capsys.readouterr().err and not out.exists(), bad
         assert main(["eval", str(run_dir), "--guidance", bad, "--out", str(tmp_path / "b.json")]) == 2, bad
         assert "--guidance" in capsys.readouterr().err and not (tmp_path / "b.json").exists(), bad
+    edit = ["edit", str(run_dir), "--task", "interpolate", "--n", "3", "--label", "4"]
+    for bad in ("-1", "nan"):
+        out = tmp_path / f"edit{bad}.npz"
+        assert main([*edit, "--guidance", bad, "--out", str(out)]) == 2 and not out.exists(), bad
+        assert "--guidance" in capsys.readouterr().err
+    # zero-shot editing guides like sampling: the path's ends are the guided samples of seeds 0 and 1
+    four = torch.full((1,), 4)
+    for w in (None, "2"):
+        out = tmp_path / f"edit{w}.npz"
+        assert main([*edit, *(["--guidance", w] if w else []), "--out", str(out)]) == 0
+        scale = None if w is None else float(w)
+        with np.load(out) as f:
+            for i, seed in ((0, 0), (-1, 1)):
+                expected = run.sample(1, seed=seed, class_labels=four, guidance=scale)[0].numpy()
+                assert np.allclose(f["samples"][i], expected, atol=1e-5), (w, seed)
     # a class-conditional run trained without label dropout has no unconditional model to guide with
     out = tmp_path / "nodrop.npz"
     assert main(["sample", str(conditional_digits_run), "--n", "4", "--guidance", "2", "--out", str(out)]) == 2
