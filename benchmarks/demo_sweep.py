@@ -80,7 +80,7 @@ VARIANTS: dict[str, list[str]] = {
     # fourth round (2026-12-07, against the demo of 2026-12-04: CFG, P_mean -0.6, RAdam betas (0.9, 0.999), lr 1e-3,
     # which the first overrides restore; the config now ships betas (0.9, 0.99) and lr 2e-3): the training-noise mean
     # and the optimiser. Equal steps (2533, bf16); "full" variants train the 4872 steps that the demo's 400 s bought
-    # on that host at 11:00, "ch24" ones 3184 steps of a 1.53x dearer step (round 3's probe ratio).
+    # on that host at 14:50 UTC, "ch24" ones 3184 steps of a 1.53x dearer step (round 3's probe ratio).
     **{f"r4_{name}": ["train.time_budget_s=0", "train.precision=bf16", "train.steps=2533", "train.betas=[0.9,0.999]",
                       "train.lr=1e-3"] + extra for name, extra in {
         "base": [],
