@@ -43,6 +43,7 @@ B32 = ["train.steps=2500", "train.batch_size=32"]
 EARLY_DIFFUSION = ["method.diffusion_weight=1.0", "method.diffusion_at=next"]  # iLCT Eq. 9, read at t_{i+1}
 OT_DIFF = ["method.coupling=ot"] + EARLY_DIFFUSION  # + iLCT Sec. 4.4 minibatch OT
 COSINE = ["train.lr_decay=cosine"]
+NEW_OPTIMISER = ["train.betas=[0.9,0.99]", "train.lr=2e-3"]  # round 4's choice, shipped 2026-12-07
 VARIANTS: dict[str, list[str]] = {
     "base": ["train.steps=1250", "train.batch_size=64"],
     "cosine": ["train.steps=1250", "train.batch_size=64", "train.lr_decay=cosine"],
@@ -95,18 +96,17 @@ VARIANTS: dict[str, list[str]] = {
         "pm0_b095": ["method.p_mean=0.0", "train.betas=[0.9,0.95]"],
         "pm0_b099": ["method.p_mean=0.0", "train.betas=[0.9,0.99]"],
         "b095_lr2e-3": ["train.betas=[0.9,0.95]", "train.lr=2e-3"],
-        "b099_lr2e-3": ["train.betas=[0.9,0.99]", "train.lr=2e-3"],
-        "b099_lr2e-3_pm0": ["train.betas=[0.9,0.99]", "train.lr=2e-3", "method.p_mean=0.0"],
+        "b099_lr2e-3": NEW_OPTIMISER,
+        "b099_lr2e-3_pm0": NEW_OPTIMISER + ["method.p_mean=0.0"],
         "b099_lr3e-3": ["train.betas=[0.9,0.99]", "train.lr=3e-3"],
         "b099_lr4e-3": ["train.betas=[0.9,0.99]", "train.lr=4e-3"],
         "base_seed1": ["train.seed=1"],
-        "b099_lr2e-3_seed1": ["train.betas=[0.9,0.99]", "train.lr=2e-3", "train.seed=1"],
-        "full_b099_lr2e-3": ["train.betas=[0.9,0.99]", "train.lr=2e-3", "train.steps=4872"],
-        "full_b099_lr2e-3_seed1": ["train.betas=[0.9,0.99]", "train.lr=2e-3", "train.steps=4872", "train.seed=1"],
-        "full_b099_lr2e-3_pm05": ["train.betas=[0.9,0.99]", "train.lr=2e-3", "train.steps=4872", "method.p_mean=0.5"],
-        "ch24_b099_lr2e-3": ["train.betas=[0.9,0.99]", "train.lr=2e-3", "train.steps=3184", "net.channels=24"],
-        "ch24_b099_lr2e-3_seed1": ["train.betas=[0.9,0.99]", "train.lr=2e-3", "train.steps=3184", "net.channels=24",
-                                   "train.seed=1"],
+        "b099_lr2e-3_seed1": NEW_OPTIMISER + ["train.seed=1"],
+        "full_b099_lr2e-3": NEW_OPTIMISER + ["train.steps=4872"],
+        "full_b099_lr2e-3_seed1": NEW_OPTIMISER + ["train.steps=4872", "train.seed=1"],
+        "full_b099_lr2e-3_pm05": NEW_OPTIMISER + ["train.steps=4872", "method.p_mean=0.5"],
+        "ch24_b099_lr2e-3": NEW_OPTIMISER + ["train.steps=3184", "net.channels=24"],
+        "ch24_b099_lr2e-3_seed1": NEW_OPTIMISER + ["train.steps=3184", "net.channels=24", "train.seed=1"],
     }.items()},
     "act_ict": ["train.steps=1400", "train.batch_size=32", "method.name=act_ict", "method.s0=10", "method.s1=80"],
     "sct": ["train.steps=675", "train.batch_size=64", "method.name=sct", "method.tangent_warmup=100",
