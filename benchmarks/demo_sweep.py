@@ -111,13 +111,15 @@ VARIANTS: dict[str, list[str]] = {
     }.items()},
     # fifth round (2026-12-07 evening, against the shipped demo of round 4, equal steps 2533, bf16, two-step level
     # 0.821 as in round 4): the low-resolution width (channel_mult [1, 2, 3]: a 1-thread step 1.03x), Pseudo-Huber
-    # c / 3, a shorter curriculum (s0 = 20: N = 20, 40, 80) and the early diffusion loss's weight.
+    # c / 3, a shorter curriculum (s0 = 20: N = 20, 40, 80), the early diffusion loss's weight, dropout, sigma_max.
     **{f"r5_{name}": ["train.time_budget_s=0", "train.precision=bf16", "train.steps=2533",
                       "method.mid_sigmas=[0.821]"] + extra for name, extra in {
         "m123": ["net.channel_mult=[1,2,3]"],
         "c_third": ["method.c=0.00504"],
         "s0_20": ["method.s0=20"],
         "dw2": ["method.diffusion_weight=2.0"],
+        "dropout01": ["net.dropout=0.1"],
+        "smax20": ["method.sigma_max=20"],  # trained and sampled from σ_max = 20 (iCT: 80)
     }.items()},
     "act_ict": ["train.steps=1400", "train.batch_size=32", "method.name=act_ict", "method.s0=10", "method.s1=80"],
     "sct": ["train.steps=675", "train.batch_size=64", "method.name=sct", "method.tangent_warmup=100",

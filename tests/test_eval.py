@@ -594,6 +594,22 @@ def test_confidence_breakdown_benchmark_agrees_with_eval_and_cleans_as_stated(di
     assert probes["collapsed"]["class_match"] == pytest.approx(by_hand, abs=1e-12)
 
 
+def test_mid_sigma_benchmark_scores_as_eval_and_moves_with_sigma_mid(digits_run, tmp_path):
+    # benchmarks/mid_sigma.py at the run's own two-step level (iCT's 0.821) must give cmkit eval's two-step figures
+    # exactly (same seed, n, labels); another level must sample other images (the level is really applied).
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "mid_sigma.py"
+    spec = importlib.util.spec_from_file_location("mid_sigma", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    scores = module.score_run(str(digits_run), [0.821, 2.0], n=200)
+    report = evaluate_run(digits_run, steps=[2], n=200, out=tmp_path / "m.json")
+    assert _scores(scores[0.821]) == pytest.approx(_scores(report["steps"]["2"]), abs=1e-12)
+    assert scores[2.0]["fd"] != pytest.approx(scores[0.821]["fd"], abs=1e-9)
+
+
 # ----------------------------------------------------------------------------
 # Class-conditional runs: class_match, `cmkit sample --labels`, labelled sample files.
 
