@@ -132,6 +132,8 @@ VARIANTS: dict[str, list[str]] = {
         "cos_final05": ["train.lr_final=0.5"],
         "s1_20": ["method.s1=20"],  # N = 11 -> 21
         "n11": ["method.curriculum=const", "method.s1=10"],  # N = 11 throughout: shipped
+        "s1_20_seed1": ["method.s1=20", "train.seed=1"],
+        "n11_seed1": ["method.curriculum=const", "method.s1=10", "train.seed=1"],
     }.items()},
     "act_ict": ["train.steps=1400", "train.batch_size=32", "method.name=act_ict", "method.s0=10", "method.s1=80"],
     "sct": ["train.steps=675", "train.batch_size=64", "method.name=sct", "method.tangent_warmup=100",
