@@ -1,4 +1,4 @@
-"""The two-step sampler's intermediate noise level σ_mid (``method.mid_sigmas``) chosen for a dataset, as in iCT App. B.
+"""The two-step sampler's intermediate noise level σ_mid (``method.mid_sigmas``), chosen per dataset as in iCT App. B.
 
 iCT samples two steps at times [σ_max, σ_mid] and picks σ_mid per dataset by a search on FID (0.821 on
 CIFAR-10, 1.526 on ImageNet 64). This scores trained consistency runs at each σ_mid of a grid with `cmkit
@@ -46,7 +46,8 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write every score here")
     args = p.parse_args()
     scores = {r: score_run(r, args.mids, args.n) for r in args.runs}
-    print("| σ_mid | " + " | ".join(f"{r}: FD / confident" for r in args.runs) + " | mean FD | mean confident | mean recall |")
+    header = " | ".join(f"{r}: FD / confident" for r in args.runs)
+    print(f"| σ_mid | {header} | mean FD | mean confident | mean recall |")
     print("| --- " * (len(args.runs) + 4) + "|")
     for mid in args.mids:
         rows = [scores[r][mid] for r in args.runs]

@@ -544,19 +544,25 @@ def test_vector_samples_png_shows_the_data_with_axes(tmp_path):
     assert grey > 200 and blue > 200
 
 
-def test_confidence_breakdown_benchmark_agrees_with_eval_and_cleans_as_stated(digits_run, tmp_path):
-    # benchmarks/confidence_breakdown.py must report the very `confident` of cmkit eval (same seed, n, weights)
-    # and of the classifier on the real images; its cleaned variants are what its docstring says.
+def _benchmark(name: str):
+    """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package)."""
     import importlib.util
     import pathlib
 
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_confidence_breakdown_benchmark_agrees_with_eval_and_cleans_as_stated(digits_run, tmp_path):
+    # benchmarks/confidence_breakdown.py must report the very `confident` of cmkit eval (same seed, n, weights)
+    # and of the classifier on the real images; its cleaned variants are what its docstring says.
     from cmkit.data import load_dataset
     from cmkit.evaluation.features import classifier_confidence
 
-    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "confidence_breakdown.py"
-    spec = importlib.util.spec_from_file_location("confidence_breakdown", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _benchmark("confidence_breakdown")
     out = module.main([str(digits_run), "--n", "200", "--steps", "1"])
     report = evaluate_run(digits_run, steps=[1], n=200, out=tmp_path / "m.json")
     assert out["1"]["confident"] == pytest.approx(report["steps"]["1"]["confident"], abs=1e-12)
@@ -597,13 +603,7 @@ def test_confidence_breakdown_benchmark_agrees_with_eval_and_cleans_as_stated(di
 def test_mid_sigma_benchmark_scores_as_eval_and_moves_with_sigma_mid(digits_run, tmp_path):
     # benchmarks/mid_sigma.py at the run's own two-step level (iCT's 0.821) must give cmkit eval's two-step figures
     # exactly (same seed, n, labels); another level must sample other images (the level is really applied).
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "mid_sigma.py"
-    spec = importlib.util.spec_from_file_location("mid_sigma", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _benchmark("mid_sigma")
     scores = module.score_run(str(digits_run), [0.821, 2.0], n=200)
     report = evaluate_run(digits_run, steps=[2], n=200, out=tmp_path / "m.json")
     assert _scores(scores[0.821]) == pytest.approx(_scores(report["steps"]["2"]), abs=1e-12)
