@@ -1,11 +1,12 @@
 """Why a digit run's samples are not `confident`: background speckle or shape?
 
-    PYTHONPATH=. python benchmarks/confidence_breakdown.py RUN [--n 1000] [--steps 1 2]
+    PYTHONPATH=. python benchmarks/confidence_breakdown.py RUN [--n 1000] [--steps 1 2] [--guidance W]
 
 For the run's EMA samples (``cmkit eval``'s seed) and for the real test images of the same data config it prints
 the `confident` share (the committed classifier's max softmax >= 0.9, as in metrics.json), the median max softmax,
 the predicted-class histogram, and the share again after zeroing the background (pixels below 0.1 / 0.2 / 0.3)
-and after binarising at 0.5. If cleaning the background does not raise the share, the unconfident samples are
+and after binarising at 0.5; for a class-conditional run, per drawn label the `confident` share and the share
+read as that label. If cleaning the background does not raise the share, the unconfident samples are
 ill-formed digits, not noisy ones.
 
 It then probes what the two figures reward, on real images alone (no model): the `confident` share of the real
@@ -29,30 +30,42 @@ from cmkit.evaluation import Evaluator
 from cmkit.evaluation.features import (CLASSIFIERS, base_name, classifier_confidence, classifier_probabilities,
                                      reference_dataset)
 from cmkit.run import load
+from cmkit.sampling import cycled_labels
 
 BLURS = (0.5, 0.7, 1.0)  # Gaussian blur σ in pixels
 NOISES = (0.05, 0.1, 0.2)  # additive N(0, s²) in [0, 1] pixel units, clamped to [0, 1]
 CONTRASTS = (0.8, 0.9)  # x -> c·x
 
 
-def breakdown(x: torch.Tensor, probabilities, confidence) -> dict:
+def breakdown(x: torch.Tensor, probabilities, confidence, labels: torch.Tensor | None = None) -> dict:
     """The figures of images x in [0, 1]: confident share, median max softmax, class histogram, cleaned shares.
 
     ``probabilities`` / ``confidence``: cmkit.evaluation.features.classifier_probabilities / classifier_confidence.
+    ``labels``: the classes x was drawn for (a class-conditional run); adds ``by_label``, per drawn class the
+    `confident` share and the share the classifier reads as that class.
     """
     p = probabilities(x)
     cleaned = {f"background < {t} zeroed": torch.where(x < t, torch.zeros_like(x), x) for t in (0.1, 0.2, 0.3)}
     cleaned["binarised at 0.5"] = (x > 0.5).float()
-    return {"confident": confidence(x), "median_max_softmax": float(p.max(dim=1).values.median()),
-            "classes": np.bincount(p.argmax(dim=1).numpy(), minlength=p.shape[1]).tolist(),
-            "cleaned": {name: confidence(y) for name, y in cleaned.items()}}
+    out = {"confident": confidence(x), "median_max_softmax": float(p.max(dim=1).values.median()),
+           "classes": np.bincount(p.argmax(dim=1).numpy(), minlength=p.shape[1]).tolist(),
+           "cleaned": {name: confidence(y) for name, y in cleaned.items()}}
+    if labels is not None:
+        sure, read = p.max(dim=1).values >= 0.9, p.argmax(dim=1) == labels
+        out["by_label"] = {int(k): {"confident": float(sure[labels == k].double().mean()),
+                                    "read_as_drawn": float(read[labels == k].double().mean())}
+                           for k in torch.unique(labels)}
+    return out
 
 
-def report(label: str, x: torch.Tensor, probabilities, confidence) -> dict:
-    """Print the breakdown of x as one line and one line per cleaned variant; return it."""
-    b = breakdown(x, probabilities, confidence)
+def report(label: str, x: torch.Tensor, probabilities, confidence, labels: torch.Tensor | None = None) -> dict:
+    """Print the breakdown of x as one line, one line per cleaned variant and one by drawn label; return it."""
+    b = breakdown(x, probabilities, confidence, labels)
     print(f"{label}: confident {b['confident']:.3f}, median max softmax {b['median_max_softmax']:.3f}, "
           f"predicted classes {b['classes']}")
+    if "by_label" in b:
+        print("    by drawn label (confident / read as drawn): "
+              + ", ".join(f"{k} {v['confident']:.2f} / {v['read_as_drawn']:.2f}" for k, v in b["by_label"].items()))
     for name, value in b["cleaned"].items():
         print(f"    {name}: confident {value:.3f}")
     return b
@@ -95,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("run")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale w (default: the run's method.guidance)")
     p.add_argument("--no-probes", action="store_true", help="skip the real-image probes")
     args = p.parse_args(argv)
     run = load(args.run, None, device="cpu")
@@ -108,9 +122,11 @@ def main(argv: list[str] | None = None) -> dict:
     ref = reference_dataset(run.cfg.data, run.cfg.eval.reference)
     real = ref.to_data_space(ref.x)
     out = {"real": report(f"real {run.cfg.eval.reference} images (n={len(real)})", real, probabilities, confidence)}
+    labels = cycled_labels(args.n, run.dataset.num_classes) if run.cfg.net.class_cond else None  # as Run.sample's
     for steps in args.steps:
-        x = run.sample(args.n, steps, seed=run.cfg.eval.seed, ema=True)
-        out[str(steps)] = report(f"{steps}-step samples (n={args.n}, nimg {run.nimg})", x, probabilities, confidence)
+        x = run.sample(args.n, steps, seed=run.cfg.eval.seed, ema=True, guidance=args.guidance)
+        out[str(steps)] = report(f"{steps}-step samples (n={args.n}, nimg {run.nimg})", x, probabilities, confidence,
+                                 labels)
     if not args.no_probes:
         out["probes"] = probes(run, real, args.n, confidence)
     return out

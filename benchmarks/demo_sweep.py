@@ -12,7 +12,8 @@ The sweeps recorded in docs/results.md ran against the unconditional demo of the
 demo config is class-conditional (net.class_cond, data.labels), so a variant reproduces those rows only with
 ``net.class_cond=false data.labels=false`` added to its overrides; since round 5 the config trains on a fixed grid
 N = 11 (method.curriculum const, s1 10), so rounds 1-3 reproduce only with OLD_GRID's overrides added (rounds 4 and 5
-set them).
+set them); since round 6 it samples with guidance w = 1.75, and rounds 4-6 set the w = 1.5 they were scored at
+(OLD_GUIDANCE; the training is the same at any w).
 
 One process per variant, one thread each; each writes OUT/NAME/result.json, so two processes can share the
 2 cores and a cut sweep keeps what finished. --report prints the Markdown table.
@@ -47,6 +48,7 @@ OT_DIFF = ["method.coupling=ot"] + EARLY_DIFFUSION  # + iLCT Sec. 4.4 minibatch 
 COSINE = ["train.lr_decay=cosine"]
 NEW_OPTIMISER = ["train.betas=[0.9,0.99]", "train.lr=2e-3"]  # round 4's choice, shipped 2026-12-07
 OLD_GRID = ["method.curriculum=exp", "method.s0=10", "method.s1=80"]  # iCT's exponential curriculum N = 11 ... 81
+OLD_GUIDANCE = ["method.guidance=1.5"]  # the CFG scale of rounds 4-6 (1.75 since round 6)
 VARIANTS: dict[str, list[str]] = {
     "base": ["train.steps=1250", "train.batch_size=64"],
     "cosine": ["train.steps=1250", "train.batch_size=64", "train.lr_decay=cosine"],
@@ -88,7 +90,8 @@ VARIANTS: dict[str, list[str]] = {
     # (OLD_GRID and method.mid_sigmas=[0.821]: the curriculum these rounds trained with and the two-step level they
     # were scored at; the config ships N = 11 and sigma_mid 1.6 since round 5.)
     **{f"r4_{name}": ["train.time_budget_s=0", "train.precision=bf16", "train.steps=2533", "train.betas=[0.9,0.999]",
-                      "train.lr=1e-3", "method.mid_sigmas=[0.821]"] + OLD_GRID + extra for name, extra in {
+                      "train.lr=1e-3", "method.mid_sigmas=[0.821]"] + OLD_GRID + OLD_GUIDANCE + extra
+                 for name, extra in {
         "base": [],
         "pm0": ["method.p_mean=0.0"],
         "pm05": ["method.p_mean=0.5"],
@@ -117,7 +120,7 @@ VARIANTS: dict[str, list[str]] = {
     # 0.821 as in round 4): the low-resolution width (channel_mult [1, 2, 3]: a 1-thread step 1.03x), Pseudo-Huber
     # c / 3, a shorter curriculum (s0 = 20: N = 20, 40, 80), the early diffusion loss's weight, dropout, sigma_max.
     **{f"r5_{name}": ["train.time_budget_s=0", "train.precision=bf16", "train.steps=2533",
-                      "method.mid_sigmas=[0.821]"] + OLD_GRID + extra for name, extra in {
+                      "method.mid_sigmas=[0.821]"] + OLD_GRID + OLD_GUIDANCE + extra for name, extra in {
         "m123": ["net.channel_mult=[1,2,3]"],
         "c_third": ["method.c=0.00504"],
         "s0_20": ["method.s0=20"],
@@ -126,14 +129,24 @@ VARIANTS: dict[str, list[str]] = {
         "smax20": ["method.sigma_max=20"],  # trained and sampled from σ_max = 20 (iCT: 80)
     }.items()},
     # round 5, second part (scored at the shipped two-step level 1.6): the lr schedule's end and the grid's fineness
-    **{f"r5_{name}": ["train.time_budget_s=0", "train.precision=bf16", "train.steps=2533"] + OLD_GRID + extra
-       for name, extra in {
+    **{f"r5_{name}": ["train.time_budget_s=0", "train.precision=bf16", "train.steps=2533"] + OLD_GRID + OLD_GUIDANCE
+       + extra for name, extra in {
         "const_lr": ["train.lr_decay=none"],
         "cos_final05": ["train.lr_final=0.5"],
         "s1_20": ["method.s1=20"],  # N = 11 -> 21
         "n11": ["method.curriculum=const", "method.s1=10"],  # N = 11 throughout: shipped
         "s1_20_seed1": ["method.s1=20", "train.seed=1"],
         "n11_seed1": ["method.curriculum=const", "method.s1=10", "train.seed=1"],
+    }.items()},
+    # sixth round (2026-12-07 night, against round 5's shipped recipe, N = 11, scored at its w = 1.5; the guidance
+    # scale was then scanned with `cmkit eval RUN --guidance w`): coarser grids at equal steps, and the recipe at the
+    # 4196 steps that the demo's 400 s bought on host E, three seeds.
+    **{f"r6_{name}": ["train.time_budget_s=0", "train.precision=bf16"] + OLD_GUIDANCE + extra for name, extra in {
+        "n6": ["train.steps=2533", "method.s0=5", "method.s1=5"],  # N = 6 throughout
+        "n8": ["train.steps=2533", "method.s0=7", "method.s1=7"],  # N = 8 throughout
+        "full": ["train.steps=4196"],
+        "full_seed1": ["train.steps=4196", "train.seed=1"],
+        "full_seed2": ["train.steps=4196", "train.seed=2"],
     }.items()},
     "act_ict": ["train.steps=1400", "train.batch_size=32", "method.name=act_ict", "method.s0=10", "method.s1=80"],
     "sct": ["train.steps=675", "train.batch_size=64", "method.name=sct", "method.tangent_warmup=100",

@@ -600,6 +600,29 @@ def test_confidence_breakdown_benchmark_agrees_with_eval_and_cleans_as_stated(di
     assert probes["collapsed"]["class_match"] == pytest.approx(by_hand, abs=1e-12)
 
 
+def test_confidence_breakdown_by_label_counts_by_hand():
+    # Per drawn label: the share with max softmax >= 0.9 and the share read as that label, on a hand-made table of
+    # softmax rows (label 0: one sure and right, one sure and wrong, one unsure and right; label 1: one unsure, wrong).
+    module = _benchmark("confidence_breakdown")
+    probs = torch.tensor([[0.95, 0.05], [0.05, 0.95], [0.6, 0.4], [0.8, 0.2]])
+    x = torch.zeros(4, 1, 2, 2)
+    b = module.breakdown(x, lambda _: probs, lambda _: 0.5, labels=torch.tensor([0, 0, 0, 1]))
+    assert b["by_label"] == {0: {"confident": pytest.approx(2 / 3), "read_as_drawn": pytest.approx(2 / 3)},
+                             1: {"confident": 0.0, "read_as_drawn": 0.0}}
+    assert "by_label" not in module.breakdown(x, lambda _: probs, lambda _: 0.5)
+
+
+def test_demo_sweep_variants_build_and_restore_what_they_were_scored_with():
+    # Every variant of benchmarks/demo_sweep.py must build a valid config from today's demo config (a renamed key
+    # would otherwise surface only when a sweep is rerun), and rounds 4-6 must restore the w = 1.5 they were scored at.
+    module = _benchmark("demo_sweep")
+    for name, overrides in module.VARIANTS.items():
+        cfg = module.demo_config(overrides)
+        if name.startswith(("r4_", "r5_", "r6_")):
+            assert cfg.method.guidance == 1.5, name
+    assert module.demo_config(module.VARIANTS["r6_n8"]).method.s1 == 7  # N = 8 throughout
+
+
 def test_mid_sigma_benchmark_scores_as_eval_and_moves_with_sigma_mid(digits_run, tmp_path):
     # benchmarks/mid_sigma.py at the run's own two-step level (iCT's 0.821) must give cmkit eval's two-step figures
     # exactly (same seed, n, labels); another level must sample other images (the level is really applied).
