@@ -30,7 +30,6 @@ from cmkit.evaluation import Evaluator
 from cmkit.evaluation.features import (CLASSIFIERS, base_name, classifier_confidence, classifier_probabilities,
                                      reference_dataset)
 from cmkit.run import load
-from cmkit.sampling import cycled_labels
 
 BLURS = (0.5, 0.7, 1.0)  # Gaussian blur σ in pixels
 NOISES = (0.05, 0.1, 0.2)  # additive N(0, s²) in [0, 1] pixel units, clamped to [0, 1]
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     ref = reference_dataset(run.cfg.data, run.cfg.eval.reference)
     real = ref.to_data_space(ref.x)
     out = {"real": report(f"real {run.cfg.eval.reference} images (n={len(real)})", real, probabilities, confidence)}
-    labels = cycled_labels(args.n, run.dataset.num_classes) if run.cfg.net.class_cond else None  # as Run.sample's
+    labels = run.sample_labels(args.n)
     for steps in args.steps:
         x = run.sample(args.n, steps, seed=run.cfg.eval.seed, ema=True, guidance=args.guidance)
         out[str(steps)] = report(f"{steps}-step samples (n={args.n}, nimg {run.nimg})", x, probabilities, confidence,

@@ -20,7 +20,6 @@ from dataclasses import replace
 
 from cmkit.evaluation import Evaluator
 from cmkit.run import load
-from cmkit.sampling import cycled_labels
 
 MIDS = (0.821, 1.2, 1.6, 2.0, 2.5, 3.0, 4.0, 6.0)
 
@@ -29,7 +28,7 @@ def score_run(run_dir: str, mids: list[float], n: int) -> dict[float, dict[str, 
     """``cmkit eval``'s two-step metrics of one run at each σ_mid (one sample set per σ_mid, the eval seed)."""
     run = load(run_dir)
     ev = Evaluator(replace(run.cfg, eval=replace(run.cfg.eval, n=n)))
-    labels = cycled_labels(n, run.dataset.num_classes) if run.cfg.net.class_cond else None
+    labels = run.sample_labels(n)
     t_max = run.objective.sample_times(1)[0]
     out = {}
     for mid in mids:

@@ -71,6 +71,10 @@ class Run:
         """The CFG scale w this run samples with (None: unguided), as ``guided`` applies it."""
         return guidance_scale(self.cfg, self.objective.sample_guidance, guidance)
 
+    def sample_labels(self, n: int) -> torch.Tensor | None:
+        """The labels ``sample`` draws n samples for unless given: cycled_labels if class-conditional, else None."""
+        return cycled_labels(n, self.dataset.num_classes) if self.cfg.net.class_cond else None
+
     def sample(self, n: int, steps: int = 1, *, times: list[float] | None = None, seed: int = 0,
                ema: bool = True, data_space: bool = True, batch_size: int = 256,
                class_labels: torch.Tensor | None = None, guidance: float | None = None,
@@ -85,8 +89,8 @@ class Run:
         ``ema_index``: which tracked EMA samples (default: train.ema_sample), as in ``model``.
         """
         times = times or self.objective.sample_times(steps)
-        if class_labels is None and self.cfg.net.class_cond:
-            class_labels = cycled_labels(n, self.dataset.num_classes)
+        if class_labels is None:
+            class_labels = self.sample_labels(n)
         model = self.guided(self.model(ema, ema_index), guidance)
         x = sample_batched(model, n, self.dataset.shape, times, sampler=self.objective.sampler,
                            seed=seed, device=self.device, batch_size=batch_size, class_labels=class_labels,
